@@ -1,0 +1,586 @@
+"""InternLM-XComposer (v1) and InternLM-XComposer2 (v2) for transformers 5.
+
+Laid out in the papers' figure order: vision tower (CLIP ViT-L / EVA-CLIP ViT-g), connectors
+(the v2 MLP projector from build_mlp.py, the v1 PerceiveSampler), the InternLM(2) decoder with
+Partial LoRA, then the pretrained base class and the causal-LM wrapper.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:  # as remote code, inside transformers' dynamic package
+    from .build_mlp import build_vision_projector
+    from .configuration_xcomposer import (
+        XComposerConfig,
+        XComposerQFormerConfig,
+        XComposerTextConfig,
+        XComposerVisionConfig,
+    )
+except ImportError:  # from a checkout: scripts and tests import the flat modules directly
+    from build_mlp import build_vision_projector
+    from configuration_xcomposer import (
+        XComposerConfig,
+        XComposerQFormerConfig,
+        XComposerTextConfig,
+        XComposerVisionConfig,
+    )
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention: (B, H, Q, d) x (B, KV, K, d) -> (B, Q, H, d), softmax in fp32 as upstream."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask if attention_mask.dtype != torch.bool else weights.masked_fill(
+            ~attention_mask, torch.finfo(weights.dtype).min
+        )
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def attention_interface(config) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+# --------------------------------------------------------------------------- vision tower
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional ViT attention with a fused qkv. EVA (BLIP-2 build) learns only q and v biases:
+    its effective qkv bias is [q_bias, 0, v_bias]."""
+
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.eva = config.variant == "eva"
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=not self.eva)
+        if self.eva:
+            self.q_bias = nn.Parameter(torch.zeros(config.hidden_size))
+            self.v_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.eva else self.qkv.bias
+        qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
+        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return self.proj(out.reshape(batch, length, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(GradientCheckpointingLayer):
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = VisionAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VisionMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """CLIP ViT-L/14 (v2) or EVA-CLIP ViT-g (v1): one pre-LN ViT, the variant sets the details.
+    Returns the last block's tokens, CLS first: (N, 1 + num_patches, width)."""
+
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__()
+        self.config = config
+        width, clip = config.hidden_size, config.variant == "clip"
+        self.patch_embed = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=not clip)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, width))
+        self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if clip else None  # CLIP's pre_layrnorm
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.num_hidden_layers))
+        # EVA is followed by BLIP-2's ln_vision; CLIP's post_layernorm is unused by XComposer2.
+        self.post_norm = None if clip else nn.LayerNorm(width, eps=config.final_layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return x if self.post_norm is None else self.post_norm(x)
+
+    @torch.no_grad()
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Bicubic (align_corners=False) resize of the patch position grid to a new image size, CLS row kept,
+        as XComposer2 does to run CLIP-336 at 490 px (and at 224 px for composition fine-tuning)."""
+        if image_size % self.config.patch_size:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({self.config.patch_size})")
+        self.pos_embed = nn.Parameter(interpolate_pos_embed(self.pos_embed.data, image_size // self.config.patch_size))
+        self.config.image_size = image_size
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D), interpolating the patch part in fp32."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(patch_pos.shape[1] ** 0.5)
+    if old * old != patch_pos.shape[1]:
+        raise ValueError(f"position table of {patch_pos.shape[1]} patches is not a square grid")
+    if old == grid:
+        return pos_embed.clone()
+    patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+# --------------------------------------------------------------------------- v1 connector: perceive sampler
+
+
+class QFormerAttention(nn.Module):
+    """BERT attention with a post-LN residual; keys and values come from `context` for cross-attention."""
+
+    def __init__(self, config: XComposerQFormerConfig, context_width: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(context_width, config.hidden_size)
+        self.value = nn.Linear(context_width, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def heads(t):  # (N, T, D) -> (N, H, T, d)
+            return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
+        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return self.norm(x + self.dense(out.reshape(x.shape)))
+
+
+class QFormerLayer(GradientCheckpointingLayer):
+    """Self-attention over the queries, cross-attention to the image (every n-th layer), query feed-forward."""
+
+    def __init__(self, config: XComposerQFormerConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = QFormerAttention(config, config.hidden_size)
+        cross = layer_idx % config.cross_attention_frequency == 0
+        self.cross_attn = QFormerAttention(config, config.encoder_hidden_size) if cross else None
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, queries: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        queries = self.self_attn(queries, queries)
+        if self.cross_attn is not None:
+            queries = self.cross_attn(queries, image_embeds)
+        return self.ffn_norm(queries + self.fc2(self.act(self.fc1(queries))))
+
+
+class PerceiveSampler(nn.Module):
+    """XComposer v1's connector: learned queries read the image through a Q-Former, are projected to the
+    decoder width, and are wrapped in learned start/end flags -> (N, num_queries + 2, text width)."""
+
+    def __init__(self, config: XComposerConfig):
+        super().__init__()
+        qformer, text_width = config.qformer_config, config.text_config.hidden_size
+        self.query_tokens = nn.Parameter(torch.zeros(1, qformer.num_query_tokens, qformer.hidden_size))
+        self.layernorm = nn.LayerNorm(qformer.hidden_size, eps=qformer.layer_norm_eps)
+        self.layers = nn.ModuleList(QFormerLayer(qformer, i) for i in range(qformer.num_hidden_layers))
+        self.internlm_proj = nn.Linear(qformer.hidden_size, text_width)
+        # Upstream keeps the flags frozen at their pre-trained values.
+        self.flag_image_start = nn.Parameter(torch.zeros(1, 1, text_width), requires_grad=False)
+        self.flag_image_end = nn.Parameter(torch.zeros(1, 1, text_width), requires_grad=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        num_images = image_embeds.shape[0]
+        queries = self.layernorm(self.query_tokens.expand(num_images, -1, -1))
+        for layer in self.layers:
+            queries = layer(queries, image_embeds)
+        queries = self.internlm_proj(queries)
+        start, end = self.flag_image_start.expand(num_images, -1, -1), self.flag_image_end.expand(num_images, -1, -1)
+        return torch.cat([start.to(queries.dtype), queries, end.to(queries.dtype)], dim=1)
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class PartialLoRALinear(nn.Linear):
+    """A linear layer with a low-rank term `scaling * B(A(x))`.
+
+    Partial LoRA (XComposer2) adds it to image-token rows only, given as flat row indices computed once per
+    forward; with `image_rows=None` (text-only inputs, decode steps) it costs nothing. With `all_rows` it is
+    plain LoRA on every row (XComposer v1's unmerged adapters). Rank 0 is a plain linear layer.
+    """
+
+    def __init__(self, in_features, out_features, bias, rank=0, alpha=1.0, dropout=0.0, all_rows=False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rank, self.all_rows = rank, all_rows
+        if rank:
+            self.A = nn.Linear(in_features, rank, bias=False)
+            self.B = nn.Linear(rank, out_features, bias=False)
+            self.scaling = alpha / rank
+            self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.rank:
+            return y
+        if self.all_rows:
+            return y + self.B(self.A(self.lora_dropout(x))) * self.scaling
+        if image_rows is None:
+            return y
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, image_rows)
+        delta = self.B(self.A(self.lora_dropout(rows))) * self.scaling
+        return y.reshape(-1, y.shape[-1]).index_add(0, image_rows, delta.to(y.dtype)).view_as(y)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", rank={self.rank}, all_rows={self.all_rows}" if self.rank else "")
+
+
+def decoder_linear(config: XComposerTextConfig, name: str, in_features: int, out_features: int, bias=False):
+    rank = config.lora_rank if name in config.lora_targets else 0
+    return PartialLoRALinear(in_features, out_features, bias, rank, config.lora_alpha, config.lora_dropout,
+                             all_rows=config.lora_scope == "all")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)  # in fp32, as upstream
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def rotary_embedding(config: XComposerTextConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos/sin (B, L, head_dim) of rotate-half RoPE, computed in fp32 then cast, as upstream."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Attention(nn.Module):
+    """InternLM(2) attention: fused wqkv laid out [Q; K; V] (the converter reorders InternLM2's per-group
+    packing and fuses InternLM's q/k/v), rotary, the cache update, then the configured attention kernel."""
+
+    def __init__(self, config: XComposerTextConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        qkv_width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.wqkv = decoder_linear(config, "wqkv", config.hidden_size, qkv_width, bias=config.attention_bias)
+        self.wo = decoder_linear(config, "wo", self.num_heads * self.head_dim, config.hidden_size,
+                                 bias=config.attention_bias)
+
+    def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None, **kwargs):
+        batch, length, _ = x.shape
+        q, k, v = self.wqkv(x, image_rows).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
+        q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+        k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, KV, L, d)
+        v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out, _ = attention_interface(self.config)(
+            self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
+        return self.wo(out.reshape(batch, length, -1), image_rows)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: XComposerTextConfig):
+        super().__init__()
+        self.w1 = decoder_linear(config, "w1", config.hidden_size, config.intermediate_size)
+        self.w3 = decoder_linear(config, "w3", config.hidden_size, config.intermediate_size)
+        self.w2 = decoder_linear(config, "w2", config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x, image_rows)) * self.w3(x, image_rows), image_rows)
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: XComposerTextConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None, **kwargs):
+        x = x + self.attention(self.attention_norm(x), position_embeddings, attention_mask, cache, image_rows, **kwargs)
+        return x + self.feed_forward(self.ffn_norm(x), image_rows)
+
+
+class InternLMDecoder(nn.Module):
+    """InternLM2 (v2) or InternLM (v1) without its LM head; names as InternLM2's."""
+
+    def __init__(self, config: XComposerTextConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, cache, image_rows, output_hidden_states=False,
+                **kwargs):
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  cache=cache, position_ids=position_ids)
+        position_embeddings = rotary_embedding(self.config, position_ids, inputs_embeds.dtype)
+        x, all_hidden = inputs_embeds, []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(x)
+            x = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
+                      image_rows=image_rows, **kwargs)
+        x = self.norm(x)
+        return x, (tuple(all_hidden) + (x,) if output_hidden_states else None)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class XComposerModelOutput(BaseModelOutputWithPast):
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class XComposerCausalLMOutput(CausalLMOutputWithPast):
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class XComposerPreTrainedModel(PreTrainedModel):
+    config_class = XComposerConfig
+    config: XComposerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "VisionBlock", "QFormerLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the image splice checks counts on the host
+
+    def __init__(self, config: XComposerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # The towers are plain modules reading their own sub-config: hand down the checked implementation
+        # unless the user chose one per sub-config.
+        for sub in (config.vision_config, config.qformer_config, config.text_config):
+            if sub is not None and sub._attn_implementation is None:
+                sub._attn_implementation = config._attn_implementation
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
+        if isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PartialLoRALinear) and module.rank:
+            init.zeros_(module.B.weight)  # a fresh adapter starts as the identity
+        elif isinstance(module, VisionTransformer):
+            init.normal_(module.cls_token, std=std)
+            init.normal_(module.pos_embed, std=std)
+        elif isinstance(module, VisionAttention) and module.eva:
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+        elif isinstance(module, PerceiveSampler):
+            for param in (module.query_tokens, module.flag_image_start, module.flag_image_end):
+                init.normal_(param, std=std)
+
+
+class XComposerModel(XComposerPreTrainedModel):
+    """Vision tower + connector + decoder; returns the decoder's last hidden states."""
+
+    def __init__(self, config: XComposerConfig):
+        super().__init__(config)
+        self.vision_tower = VisionTransformer(config.vision_config)
+        if config.is_v1:
+            self.perceive_sampler = PerceiveSampler(config)
+        else:
+            self.vision_proj = build_vision_projector(config)
+        self.language_model = InternLMDecoder(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.language_model.tok_embeddings = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized pixels -> (N, num_image_tokens, text width)."""
+        size = self.config.vision_config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), "
+                             f"got {tuple(pixel_values.shape)}")
+        image_embeds = self.vision_tower(pixel_values)
+        if self.config.is_v1:
+            return self.perceive_sampler(image_embeds)
+        return self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> XComposerModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        text_config = self.config.text_config
+        image_rows = image_features = None
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            inputs_embeds = self.language_model.tok_embeddings(input_ids.masked_fill(image_mask, 0))
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                inputs_embeds, image_rows = self._splice_images(inputs_embeds, image_mask, image_features)
+            elif not torch.compiler.is_compiling() and image_mask.any():
+                raise ValueError(f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given")
+        elif pixel_values is not None:
+            raise ValueError("pixel_values cannot be combined with inputs_embeds; splice image features yourself")
+
+        if use_cache is None:
+            use_cache = text_config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=text_config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        length = inputs_embeds.shape[1]
+        if past_length + length > text_config.max_position_embeddings:
+            raise ValueError(f"sequence of {past_length + length} tokens exceeds the maximum length "
+                             f"{text_config.max_position_embeddings} (text_config.max_position_embeddings)")
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        if text_config.lora_scope == "all" or not text_config.lora_rank:
+            image_rows = None  # plain LoRA (or none) does not look at image rows
+
+        hidden, all_hidden = self.language_model(
+            inputs_embeds, attention_mask, position_ids, cache, image_rows,
+            output_hidden_states=bool(output_hidden_states), **kwargs)
+        return XComposerModelOutput(last_hidden_state=hidden, cache=cache if use_cache else None,
+                                    hidden_states=all_hidden, image_hidden_states=image_features)
+
+    def _splice_images(self, inputs_embeds, image_mask, image_features):
+        """Scatter image features into the image-token positions (llava style) and return the flat row
+        indices of those positions for Partial LoRA. The count check is the one host sync of a forward."""
+        num_slots, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if num_slots != num_features:
+            raise ValueError(
+                f"input_ids hold {num_slots} image tokens but {image_features.shape[0]} images give {num_features} "
+                f"({self.config.num_image_tokens} per image); use one <ImageHere> per image")
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
+        return inputs_embeds, image_mask.flatten().nonzero().squeeze(1)
+
+
+class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
+    """XComposerModel plus the LM head (`output`, as InternLM2 names it)."""
+
+    def __init__(self, config: XComposerConfig):
+        super().__init__(config)
+        self.model = XComposerModel(config)
+        self.output = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> XComposerCausalLMOutput:
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=position_ids, cache=cache, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, **kwargs)
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.output(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **loss_kwargs)
+        return XComposerCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache,
+                                       hidden_states=outputs.hidden_states,
+                                       image_hidden_states=outputs.image_hidden_states)
