@@ -6,6 +6,9 @@ One config serves both generations. `connector` selects the path between image a
   wrapped in learned start/end flags -> InternLM (LoRA merged, or as plain adapters).
 """
 
+import os
+import shutil
+
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -19,6 +22,10 @@ AUTO_MAP = {
     "AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None],
     "AutoProcessor": "processing_xcomposer.XComposerProcessor",
 }
+
+# The flat modules a model folder needs beside its weights, copied by every writer of a folder.
+CODE_FILES = ("configuration_xcomposer.py", "modeling_xcomposer.py", "build_mlp.py", "tokenization_internlm.py",
+              "processing_xcomposer.py")
 
 
 def _check_heads(name: str, hidden_size: int, num_heads: int) -> None:
@@ -189,6 +196,11 @@ class XComposerConfig(PreTrainedConfig):
                 f"({self.text_config.vocab_size}) so the model can never generate it"
             )
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """Also copies the remote-code modules, so the folder loads with trust_remote_code anywhere."""
+        super().save_pretrained(save_directory, **kwargs)
+        copy_code_files(save_directory)
+
     @property
     def is_v1(self) -> bool:
         return self.connector == "perceive_sampler"
@@ -207,9 +219,9 @@ class XComposerConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-_V2_TEXT = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+_V2_TEXT = dict(vocab_size=92544, eos_token_id=[2, 92542], hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, rope_theta=1e6, max_position_embeddings=32768)
-_V1_TEXT = dict(vocab_size=103170, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+_V1_TEXT = dict(vocab_size=103170, eos_token_id=[2, 103028], hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, rope_theta=1e4, max_position_embeddings=2048,
                 attention_bias=True, lora_rank=0, lora_scope="all", lora_targets=["wqkv", "w2", "w3"])
 _EVA_G = dict(variant="eva", hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,  # BLIP-2 drops the 40th
@@ -223,3 +235,11 @@ PRESETS = {
     "xcomposer-7b": dict(connector="perceive_sampler", vision_config=_EVA_G, text_config=_V1_TEXT,
                          qformer_config=dict(encoder_hidden_size=1408)),
 }
+
+
+def copy_code_files(save_directory) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in CODE_FILES:
+        source, target = os.path.join(here, name), os.path.join(save_directory, name)
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
