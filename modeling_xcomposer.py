@@ -28,6 +28,7 @@ try:  # as remote code, inside transformers' dynamic package
         XComposerTextConfig,
         XComposerVisionConfig,
     )
+    from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 except ImportError:  # from a checkout: scripts and tests import the flat modules directly
     from build_mlp import build_vision_projector
     from configuration_xcomposer import (
@@ -36,6 +37,7 @@ except ImportError:  # from a checkout: scripts and tests import the flat module
         XComposerTextConfig,
         XComposerVisionConfig,
     )
+    from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -584,3 +586,43 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         return XComposerCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache,
                                        hidden_states=outputs.hidden_states,
                                        image_hidden_states=outputs.image_hidden_states)
+
+    END_OF_TURN = {"mlp2x_gelu": "[UNUSED_TOKEN_145]", "perceive_sampler": "<TOKENS_UNUSED_1>"}
+
+    @torch.no_grad()
+    def chat(self, processor, query: str, images=None, history=(), system: str | None = None, streamer=None,
+             max_new_tokens: int = 1024, do_sample: bool = False, **generate_kwargs) -> tuple[str, list]:
+        """One chat turn, as upstream's `model.chat`: returns (response, history + [(query, response, images)]).
+
+        `processor` is an XComposerProcessor or a plain tokenizer; `images` one image (PIL, path, array) or a
+        list. Without `<ImageHere>` in the query, one placeholder per image is put in front of it. Decoding is
+        greedy unless `do_sample=True`, and stops at eos or the end-of-turn piece. `system` replaces v2's default
+        system prompt ("" for none). History turns are (query, response) or (query, response, images)."""
+        if not isinstance(processor, XComposerProcessor):
+            processor = XComposerProcessor.for_model(self.config, processor)
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if images and IMAGE_PLACEHOLDER not in query:
+            query = IMAGE_PLACEHOLDER * len(images) + query
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        all_images = []
+        for past_query, past_response, *past_images in history:  # a turn remembers its images
+            messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
+            all_images += past_images[0] if past_images else []
+        messages.append({"role": "user", "content": query})
+        all_images += images
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=prompt, images=all_images or None,
+                           max_length=self.config.text_config.max_position_embeddings).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        tokenizer = processor.tokenizer
+        eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(self.END_OF_TURN[self.config.connector])]
+        room = self.config.text_config.max_position_embeddings - inputs["input_ids"].shape[1]
+        output = self.generate(**inputs, streamer=streamer, max_new_tokens=min(max_new_tokens, room),
+                               do_sample=do_sample,
+                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+        while new_tokens and new_tokens[-1] in eos:
+            new_tokens.pop()
+        response = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        return response, [*history, (query, response, images)]
