@@ -266,6 +266,17 @@ class PartialLoRALinear(nn.Linear):
         delta = self.B(self.A(self.lora_dropout(rows))) * self.scaling
         return y.reshape(-1, y.shape[-1]).index_add(0, image_rows, delta.to(y.dtype)).view_as(y)
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold plain LoRA into the weight in fp32 (W += scaling * B @ A) and drop the adapter. Partial LoRA
+        cannot be merged: it must stay off the text rows."""
+        if not self.all_rows:
+            raise ValueError("Partial LoRA acts on image rows only and cannot be merged into the weight")
+        delta = self.scaling * self.B.weight.float() @ self.A.weight.float()
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        del self.A, self.B, self.lora_dropout
+        self.rank = 0
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", rank={self.rank}, all_rows={self.all_rows}" if self.rank else "")
 
@@ -552,6 +563,16 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
+
+    def merge_lora(self) -> None:
+        """Merge plain (all-row) LoRA adapters into the decoder weights, as XComposer v1's inference
+        checkpoints are; the config then describes a model without adapters."""
+        if self.config.text_config.lora_scope != "all":
+            raise ValueError("only plain LoRA (text_config.lora_scope='all') can be merged; Partial LoRA stays")
+        for module in self.modules():
+            if isinstance(module, PartialLoRALinear) and module.rank:
+                module.merge()
+        self.config.text_config.lora_rank = 0
 
     def forward(
         self,

@@ -276,3 +276,50 @@ def test_sequence_longer_than_maximum_is_a_clear_error():
     ids = torch.full((1, model.config.text_config.max_position_embeddings + 1), 5)
     with pytest.raises(ValueError, match="exceeds the maximum length"):
         model(ids)
+
+
+def test_perceive_sampler_output_for_an_image_does_not_depend_on_the_batch():
+    model = build_model(1)
+    cfg = model.config
+    px = pixels(cfg, 3)
+    with torch.no_grad():
+        batched = model.get_image_features(px)
+        alone = torch.cat([model.get_image_features(px[i:i + 1]) for i in range(3)])
+    assert batched.shape == (3, cfg.qformer_config.num_query_tokens + 2, cfg.text_config.hidden_size)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    sampler = model.model.perceive_sampler
+    torch.testing.assert_close(batched[:, 0], sampler.flag_image_start[0].expand(3, -1))
+    torch.testing.assert_close(batched[:, -1], sampler.flag_image_end[0].expand(3, -1))
+    assert not sampler.flag_image_start.requires_grad  # frozen, as upstream
+
+
+def test_qformer_cross_attends_every_second_layer_from_layer_0():
+    from configuration_xcomposer import XComposerConfig
+
+    config = XComposerConfig.from_preset("xcomposer-vl-7b")
+    with torch.device("meta"):
+        model = XComposerForCausalLM(config)
+    crossing = [i for i, layer in enumerate(model.model.perceive_sampler.layers) if layer.cross_attn is not None]
+    assert crossing == [0, 2, 4, 6, 8, 10] and config.num_image_tokens == 66
+
+
+def test_v1_plain_lora_trains_as_adapters_and_merges_exactly():
+    model = build_model(1, lora_rank=4, lora_alpha=8.0)
+    cfg = model.config
+    wqkv = model.model.language_model.layers[0].attention.wqkv
+    assert wqkv.rank == 4 and wqkv.all_rows
+    ids = torch.tensor([prompt(cfg, [20, 21], 1, [30, 31])])
+    px = pixels(cfg, 1)
+    with torch.no_grad():
+        before = model(ids, pixel_values=px).logits
+        model.merge_lora()
+        after = model(ids, pixel_values=px).logits
+    assert cfg.text_config.lora_rank == 0 and not any(n.endswith(".A.weight") for n, _ in model.named_parameters())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    plain = build_model(1)
+    plain.load_state_dict(model.state_dict())  # the merged model is an ordinary v1 model
+
+
+def test_partial_lora_refuses_to_merge():
+    with pytest.raises(ValueError, match="Partial LoRA"):
+        build_model(2).merge_lora()
