@@ -1,0 +1,32 @@
+"""benchmark.py runs and compares like with like: both modes compute the same numbers."""
+
+import math
+
+import torch
+
+import benchmark
+
+
+def test_upstream_style_mode_computes_the_same_logits_as_ours():
+    model = benchmark.build("tiny", torch.device("cpu"), torch.float32)
+    input_ids, pixels = benchmark.prompt(model.config, 2, 1, 8, torch.device("cpu"))
+    with torch.no_grad():
+        with benchmark.mode(model, "ours", "sdpa"):
+            ours = model(input_ids=input_ids, pixel_values=pixels).logits
+        with benchmark.mode(model, "upstream", "sdpa"):
+            assert model.config.text_config._attn_implementation == "eager"
+            theirs = model(input_ids=input_ids, pixel_values=pixels, use_cache=False).logits
+    assert model.model.language_model.layers[0].attention.wqkv.B.weight.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_prints_every_figure_for_both_modes(capsys):
+    results = benchmark.main(["--size", "tiny", "--quick", "--batch", "2", "--new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "speed-up over upstream-style, text_heavy" in out and out.strip().splitlines()[-1].startswith("{")
+    for mode in ("ours", "upstream"):
+        for prompt in ("one_image_64_text", "text_heavy", "image_heavy"):
+            row = results[f"{mode}/{prompt}"]
+            assert set(row) == {"prompt_tokens", "prefill_ms", "ttft_ms", "decode_tok_s", "batch2_decode_tok_s",
+                                "peak_memory_gb"}
+            assert all(math.isfinite(v) and v > 0 for v in row.values())
