@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, ProcessorMixin
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -428,6 +428,10 @@ class XComposerPreTrainedModel(PreTrainedModel):
             if sub is not None and sub._attn_implementation is None:
                 sub._attn_implementation = config._attn_implementation
 
+    def save_pretrained(self, save_directory, *args, max_shard_size="5GB", **kwargs):
+        """As transformers', with Hub-friendly 5 GB shards; config.save_pretrained copies the code files."""
+        return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
@@ -619,7 +623,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         list. Without `<ImageHere>` in the query, one placeholder per image is put in front of it. Decoding is
         greedy unless `do_sample=True`, and stops at eos or the end-of-turn piece. `system` replaces v2's default
         system prompt ("" for none). History turns are (query, response) or (query, response, images)."""
-        if not isinstance(processor, XComposerProcessor):
+        if not isinstance(processor, ProcessorMixin):  # a tokenizer (the processor class may be another copy)
             processor = XComposerProcessor.for_model(self.config, processor)
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         if images and IMAGE_PLACEHOLDER not in query:

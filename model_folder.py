@@ -1,0 +1,135 @@
+"""The complete model folder: what every writer (save_pretrained, the converter, finetune.py) puts beside
+the weights, and the check that a folder is complete before it is shared."""
+
+import json
+import os
+
+from transformers import GenerationConfig
+
+from configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
+
+UPSTREAM_REPOS = {"xcomposer2-vl-7b": "internlm/internlm-xcomposer2-vl-7b", "xcomposer2-7b": "internlm/internlm-xcomposer2-7b",
+                  "xcomposer-vl-7b": "internlm/internlm-xcomposer-vl-7b", "xcomposer-7b": "internlm/internlm-xcomposer-7b"}
+FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                "processor_config.json", "chat_template.jinja", "README.md", *CODE_FILES)
+
+CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+license: {license}
+{base_model}tags:
+- internlm-xcomposer
+- {generation_tag}
+- vision-language
+- multimodal
+- custom_code
+---
+
+# {title}
+
+{description}
+
+| | |
+| --- | --- |
+| generation | {generation} |
+| vision tower | {vision} |
+| connector | {connector} |
+| decoder | {decoder} |
+| image tokens per image | {image_tokens} |
+| parameters | {parameters} |
+
+Loads with the Auto classes and `trust_remote_code=True` (transformers 5.24, torch 2.13); the code is
+in this folder, and nothing is downloaded at construction.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+path = "{repo_id}"
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+image = Image.open("example.jpg").convert("RGB")
+response, history = model.chat(processor, "<ImageHere>Describe this picture.", images=image, max_new_tokens=32)
+print(response)
+```
+
+`model.chat` decodes greedily by default; `processor(text=..., images=...)` and `model.generate` give
+batched, left-padded generation. Each `<ImageHere>` in a prompt stands for one image.
+"""
+
+
+def write_generation_config(folder, config: XComposerConfig) -> None:
+    text = config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                     do_sample=False, max_new_tokens=1024).save_pretrained(folder)
+
+
+def write_model_card(folder, config: XComposerConfig, repo_id: str | None = None, base_model: str | None = None,
+                     title: str | None = None, description: str = "", license: str = "other",
+                     parameters: int | None = None) -> None:
+    v1 = config.is_v1
+    vision, text = config.vision_config, config.text_config
+    card = CARD.format(
+        license=license,
+        base_model=f"base_model: {base_model}\n" if base_model else "",
+        generation_tag="xcomposer" if v1 else "xcomposer2",
+        title=title or ("InternLM-XComposer" if v1 else "InternLM-XComposer2"),
+        description=description or "A vision-language model in the InternLM-XComposer family.",
+        generation="XComposer (2023)" if v1 else "XComposer2 (2024)",
+        vision=f"{'EVA-CLIP' if vision.variant == 'eva' else 'CLIP'} ViT, {vision.num_hidden_layers} layers, "
+               f"width {vision.hidden_size}, {vision.image_size} px, patch {vision.patch_size}",
+        connector=(f"perceive sampler: {config.qformer_config.num_query_tokens} queries, "
+                   f"{config.qformer_config.num_hidden_layers} Q-Former layers") if v1 else "MLP projector (mlp2x_gelu)",
+        decoder=(f"{'InternLM' if v1 else 'InternLM2'}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
+                 f"{text.num_attention_heads}/{text.num_key_value_heads} heads"
+                 + (f", Partial LoRA rank {text.lora_rank}" if text.lora_rank and text.lora_scope == "image" else "")),
+        image_tokens=config.num_image_tokens,
+        parameters=f"{parameters:,}" if parameters else "see the weights",
+        repo_id=repo_id or ".",
+    )
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(card)
+
+
+def finish_model_folder(folder, config: XComposerConfig, processor=None, **card) -> None:
+    """Everything but the weights: config (+ code), generation config, processor and tokenizer, model card."""
+    config.save_pretrained(folder)  # also copies the code files
+    write_generation_config(folder, config)
+    if processor is not None:
+        processor.save_pretrained(folder)
+        copy_code_files(folder)  # the processor's save may rewrite auto_map-named modules; keep ours
+    write_model_card(folder, config, **card)
+
+
+def check_model_folder(folder) -> list[str]:
+    """Problems that would stop the folder from loading elsewhere; empty when complete."""
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a folder"]
+    problems = [f"missing {name}" for name in FOLDER_FILES if not os.path.isfile(os.path.join(folder, name))]
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                auto_map = json.load(f).get("auto_map", {})
+            missing = sorted(set(AUTO_MAP) - set(auto_map))
+            if missing:
+                problems.append(f"config.json auto_map lacks {missing}")
+        except json.JSONDecodeError as error:
+            problems.append(f"config.json is not valid JSON: {error}")
+    problems += _check_weights(folder)
+    return problems
+
+
+def _check_weights(folder) -> list[str]:
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        if not shards:
+            return ["model.safetensors.index.json names no weights"]
+        return [f"the weight index names {name}, which is missing" for name in shards
+                if not os.path.isfile(os.path.join(folder, name))]
+    if os.path.isfile(single):
+        return []
+    return ["no weights: neither model.safetensors nor model.safetensors.index.json"]

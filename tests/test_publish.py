@@ -1,0 +1,97 @@
+"""Publishing: a complete folder, a model card that parses and whose snippet runs, and the upload command."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, build_model
+from huggingface_hub import ModelCard
+from PIL import Image
+from tiny_sp import tiny_sp_path
+
+import push_to_hub
+from model_folder import FOLDER_FILES, check_model_folder, finish_model_folder
+from processing_xcomposer import XComposerProcessor
+from tokenization_internlm import InternLMTokenizer
+
+
+def offline_env(tmp_path):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    model = build_model(2, max_position_embeddings=1024)  # room for XComposer2's default system prompt
+    processor = XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(2)))
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    finish_model_folder(path, model.config, processor, repo_id="someone/tiny-xcomposer2",
+                        parameters=sum(p.numel() for p in model.parameters()))
+    return path
+
+
+def test_finished_folder_is_complete(folder):
+    assert check_model_folder(folder) == []
+    assert set(FOLDER_FILES) <= set(os.listdir(folder))
+
+
+def test_model_card_metadata_parses(folder):
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.license == "other" and "xcomposer2" in card.data.tags
+
+
+def test_model_card_snippet_runs_offline(folder, tmp_path):
+    text = (folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1).replace("someone/tiny-xcomposer2", str(folder))
+    Image.new("RGB", (64, 48), (250, 120, 0)).save(tmp_path / "example.jpg")
+    done = subprocess.run([sys.executable, "-c", snippet], env=offline_env(tmp_path), cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("remove", ["tokenizer.model", "modeling_xcomposer.py", "model.safetensors", "README.md"])
+def test_incomplete_folder_is_refused_and_names_what_is_missing(folder, remove, capsys):
+    os.remove(folder / remove)
+    assert any(remove in problem for problem in check_model_folder(folder))
+    assert push_to_hub.main([str(folder), "someone/repo"]) == 1
+    assert remove in capsys.readouterr().err
+
+
+class FakeHfApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return "https://example.invalid/commit/1"
+
+
+def test_upload_calls_the_hub_api_with_the_right_arguments(folder):
+    api = FakeHfApi()
+    push_to_hub.push(str(folder), "someone/repo", private=True, revision="v1", message="first", api=api)
+    assert api.calls == [
+        ("create_repo", "someone/repo", {"private": True, "exist_ok": True}),
+        ("create_branch", "someone/repo", {"branch": "v1", "exist_ok": True}),
+        ("upload_folder", "someone/repo", {"repo_id": "someone/repo", "folder_path": str(folder), "revision": "v1",
+                                           "create_pr": False, "commit_message": "first"}),
+    ]
+    api = FakeHfApi()
+    push_to_hub.push(str(folder), "someone/repo", create_pr=True, api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][2]["create_pr"] is True
+
+
+def test_upload_offline_fails_cleanly_without_a_traceback(folder, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "push_to_hub.py"), str(folder), "someone/repo"],
+                          env=offline_env(tmp_path), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "HF_HUB_OFFLINE" in done.stderr and "Traceback" not in done.stderr
