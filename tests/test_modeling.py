@@ -323,3 +323,16 @@ def test_v1_plain_lora_trains_as_adapters_and_merges_exactly():
 def test_partial_lora_refuses_to_merge():
     with pytest.raises(ValueError, match="Partial LoRA"):
         build_model(2).merge_lora()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_stays_close_to_fp32(version, dtype):
+    model = build_model(version)
+    cfg = model.config
+    ids = torch.tensor([prompt(cfg, [20, 21], 1, [30, 31])])
+    px = pixels(cfg, 1)
+    with torch.no_grad():
+        full = model(ids, pixel_values=px).logits
+        half = model.to(dtype)(ids, pixel_values=px).logits
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
