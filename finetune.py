@@ -440,7 +440,7 @@ def main(argv=None):
 # --------------------------------------------------------------------------- recipe: tiny-synthetic
 
 # time_budget_s: training wall time; the rest of the 15 minutes goes to setup, saving and evaluation.
-TINY_SYNTHETIC = dict(image_size=56, train_samples=150000, batch_size=48, learning_rate=2.5e-3, warmup_steps=30,
+TINY_SYNTHETIC = dict(image_size=56, train_samples=150000, batch_size=48, learning_rate=8e-4, warmup_steps=50,
                       weight_decay=0.01, time_budget_s=630, eval_samples=600, seed=0, eval_seed=12345)
 
 
