@@ -515,7 +515,7 @@ class XComposerModel(XComposerPreTrainedModel):
             cache = DynamicCache(config=text_config)
         past_length = cache.get_seq_length() if cache is not None else 0
         length = inputs_embeds.shape[1]
-        if past_length + length > text_config.max_position_embeddings:
+        if not torch.compiler.is_compiling() and past_length + length > text_config.max_position_embeddings:
             raise ValueError(f"sequence of {past_length + length} tokens exceeds the maximum length "
                              f"{text_config.max_position_embeddings} (text_config.max_position_embeddings)")
         if position_ids is None:

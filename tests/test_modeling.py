@@ -336,3 +336,18 @@ def test_half_precision_runs_and_stays_close_to_fp32(version, dtype):
         half = model.to(dtype)(ids, pixel_values=px).logits
     assert half.dtype == dtype
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+
+
+def test_static_cache_decode_compiles_fullgraph_and_matches_dynamic_cache():
+    from transformers import CompileConfig
+
+    model = build_model(2)
+    cfg = model.config
+    ids = torch.tensor([prompt(cfg, [20, 21], 1, [30, 31])])
+    kwargs = dict(input_ids=ids, pixel_values=pixels(cfg, 1), attention_mask=torch.ones_like(ids),
+                  max_new_tokens=6, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles only on accelerators unless asked
+    torch._dynamo.reset()
+    compiled = model.generate(**kwargs, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(compiled, model.generate(**kwargs))
