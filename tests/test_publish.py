@@ -95,3 +95,61 @@ def test_upload_offline_fails_cleanly_without_a_traceback(folder, tmp_path):
                           env=offline_env(tmp_path), capture_output=True, text=True)
     assert done.returncode == 1
     assert "HF_HUB_OFFLINE" in done.stderr and "Traceback" not in done.stderr
+
+
+CHILD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+text = "<ImageHere>Which colour?"
+size = model.config.vision_config.image_size
+image = torch.linspace(0, 1, 3 * 40 * 30).reshape(30, 40, 3).mul(255).to(torch.uint8).numpy()
+inputs = processor(text=[text], images=[image])
+with torch.no_grad():
+    torch.save({"logits": model(**inputs).logits, "ids": inputs["input_ids"]}, out)
+"""
+
+
+def write_with_finetune(tmp_path):
+    import finetune
+
+    model = build_model(2)
+    processor = XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(2)))
+    finetune.save_folder(model, processor, tmp_path / "ft")
+    return tmp_path / "ft"
+
+
+def write_with_converter(tmp_path):
+    import convert_checkpoint
+    from upstream_reference import make_upstream_state_dict, tiny_upstream_config, write_upstream_checkpoint
+
+    config = tiny_upstream_config(2, torch_dtype="float32")
+    write_upstream_checkpoint(tmp_path / "upstream", config, make_upstream_state_dict(config),
+                              tokenizer_model_path=tiny_sp_path(2))
+    convert_checkpoint.convert_upstream(str(tmp_path / "upstream"), str(tmp_path / "converted"))
+    return tmp_path / "converted"
+
+
+@pytest.mark.parametrize("writer", [write_with_finetune, write_with_converter], ids=["finetune", "converter"])
+def test_every_writer_makes_a_complete_folder_that_loads_offline_with_the_same_logits(tmp_path, writer):
+    import numpy as np
+    import torch
+
+    from modeling_xcomposer import XComposerForCausalLM
+
+    folder = writer(tmp_path)
+    assert check_model_folder(folder) == []
+    assert ModelCard.load(folder / "README.md").data.library_name == "transformers"
+    out = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out)], check=True, env=offline_env(tmp_path),
+                   cwd=tmp_path)
+    got = torch.load(out)
+    model = XComposerForCausalLM.from_pretrained(folder).eval()
+    processor = XComposerProcessor.for_model(model.config, InternLMTokenizer.from_pretrained(folder))
+    image = torch.linspace(0, 1, 3 * 40 * 30).reshape(30, 40, 3).mul(255).to(torch.uint8).numpy()
+    inputs = processor(text=["<ImageHere>Which colour?"], images=[np.asarray(image)])
+    assert torch.equal(got["ids"], inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], model(**inputs).logits, rtol=0, atol=0)
