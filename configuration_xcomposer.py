@@ -25,7 +25,7 @@ AUTO_MAP = {
 
 # The flat modules a model folder needs beside its weights, copied by every writer of a folder.
 CODE_FILES = ("configuration_xcomposer.py", "modeling_xcomposer.py", "build_mlp.py", "tokenization_internlm.py",
-              "processing_xcomposer.py")
+              "processing_xcomposer.py", "model_folder.py")
 
 
 def _check_heads(name: str, hidden_size: int, num_heads: int) -> None:

@@ -6,7 +6,10 @@ import os
 
 from transformers import GenerationConfig
 
-from configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
+try:  # as remote code, inside transformers' dynamic package
+    from .configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
+except ImportError:  # from a checkout
+    from configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
 
 UPSTREAM_REPOS = {"xcomposer2-vl-7b": "internlm/internlm-xcomposer2-vl-7b", "xcomposer2-7b": "internlm/internlm-xcomposer2-7b",
                   "xcomposer-vl-7b": "internlm/internlm-xcomposer-vl-7b", "xcomposer-7b": "internlm/internlm-xcomposer-7b"}

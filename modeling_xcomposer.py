@@ -5,6 +5,7 @@ Laid out in the papers' figure order: vision tower (CLIP ViT-L / EVA-CLIP ViT-g)
 Partial LoRA, then the pretrained base class and the causal-LM wrapper.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ try:  # as remote code, inside transformers' dynamic package
         XComposerTextConfig,
         XComposerVisionConfig,
     )
+    from .model_folder import write_model_card
     from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 except ImportError:  # from a checkout: scripts and tests import the flat modules directly
     from build_mlp import build_vision_projector
@@ -37,6 +39,7 @@ except ImportError:  # from a checkout: scripts and tests import the flat module
         XComposerTextConfig,
         XComposerVisionConfig,
     )
+    from model_folder import write_model_card
     from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 
 
@@ -429,8 +432,12 @@ class XComposerPreTrainedModel(PreTrainedModel):
                 sub._attn_implementation = config._attn_implementation
 
     def save_pretrained(self, save_directory, *args, max_shard_size="5GB", **kwargs):
-        """As transformers', with Hub-friendly 5 GB shards; config.save_pretrained copies the code files."""
-        return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        """As transformers', with Hub-friendly 5 GB shards; config.save_pretrained copies the code files, and a
+        model card is written unless the folder has one. processor.save_pretrained adds the tokenizer."""
+        result = super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
+        if not os.path.isfile(os.path.join(save_directory, "README.md")):
+            write_model_card(save_directory, self.config, parameters=self.num_parameters())
+        return result
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -38,6 +38,15 @@ def test_finished_folder_is_complete(folder):
     assert set(FOLDER_FILES) <= set(os.listdir(folder))
 
 
+def test_save_pretrained_of_model_and_processor_alone_is_complete(tmp_path):
+    model = build_model(1)
+    processor = XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(1)))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert check_model_folder(tmp_path) == []
+    assert "xcomposer" in ModelCard.load(tmp_path / "README.md").data.tags
+
+
 def test_model_card_metadata_parses(folder):
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
