@@ -254,6 +254,7 @@ class PartialLoRALinear(nn.Linear):
         if rank:
             self.A = nn.Linear(in_features, rank, bias=False)
             self.B = nn.Linear(rank, out_features, bias=False)
+            self.B.zero_init = True  # a fresh adapter starts as the identity
             self.scaling = alpha / rank
             self.lora_dropout = nn.Dropout(dropout)
 
@@ -444,8 +445,8 @@ class XComposerPreTrainedModel(PreTrainedModel):
         std = self.config.get_text_config().initializer_range
         if isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, PartialLoRALinear) and module.rank:
-            init.zeros_(module.B.weight)  # a fresh adapter starts as the identity
+        elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)  # on B itself: transformers initialises children before their parent
         elif isinstance(module, VisionTransformer):
             init.normal_(module.cls_token, std=std)
             init.normal_(module.pos_embed, std=std)

@@ -351,3 +351,17 @@ def test_static_cache_decode_compiles_fullgraph_and_matches_dynamic_cache():
     torch._dynamo.reset()
     compiled = model.generate(**kwargs, cache_implementation="static", compile_config=compile_config)
     assert torch.equal(compiled, model.generate(**kwargs))
+
+
+def test_adapters_missing_from_a_checkpoint_load_as_zero_b(tmp_path):
+    plain = build_model(2, lora_rank=0)
+    plain.save_pretrained(tmp_path)
+    config = tiny_config(2)  # the same model with Partial LoRA of rank 4
+    loaded = XComposerForCausalLM.from_pretrained(tmp_path, config=config).eval()
+    assert loaded.model.language_model.layers[0].attention.wqkv.rank == 4
+    assert all(p.abs().sum() == 0 for n, p in loaded.named_parameters() if n.endswith(".B.weight"))
+    cfg = loaded.config
+    ids = torch.tensor([prompt(cfg, [20], 1, [30, 31])])
+    px = pixels(cfg, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixel_values=px).logits, plain(ids, pixel_values=px).logits)
