@@ -542,7 +542,7 @@ class XComposerModel(XComposerPreTrainedModel):
 
     def _splice_images(self, inputs_embeds, image_mask, image_features):
         """Scatter image features into the image-token positions (llava style) and return the flat row
-        indices of those positions for Partial LoRA. The count check is the one host sync of a forward."""
+        indices of those positions for Partial LoRA. Checking the count syncs with the host, once per forward."""
         num_slots, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
         if num_slots != num_features:
             raise ValueError(
