@@ -54,7 +54,7 @@ def _objects(rng: random.Random, shapes, size: int, cells=None, colours=None):
     jitter = cell * 0.08
     colours = colours or [rng.choice(list(COLOURS)) for _ in shapes]
     return [(shape, colour, where, (rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)),
-             cell * rng.uniform(0.3, 0.34)) for shape, colour, where in zip(shapes, colours, cells)]
+             cell * rng.uniform(0.34, 0.40)) for shape, colour, where in zip(shapes, colours, cells)]
 
 
 def make_sample(rng: random.Random, kind: str | None = None, size: int = 56) -> dict:

@@ -255,3 +255,35 @@ def test_bad_samples_name_the_sample_or_are_skipped_with_a_count(problem, messag
     del bad["id"]  # without an id, the sample is named by its index
     with pytest.raises(ValueError, match="sample 2: "):
         finetune.ConversationDataset(records, encoder, 256, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- the papers' recipes
+
+
+def test_stage_preset_weighted_sources_and_resolution_through_the_cli(tmp_path):
+    model = build_model(2)
+    processor = make_processor(model)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    records = [r for r in mixed_records(tmp_path, 10) if "image" in r]  # 2024 pre-training: image-text pairs
+    first = write_data(tmp_path, records[:3], "first.jsonl")
+    second = write_data(tmp_path, records[3:], "second.jsonl")
+    mixed = write_data(tmp_path, mixed_records(tmp_path, 4), "mixed.jsonl")
+    with pytest.raises(SystemExit, match="text-only samples would train nothing"):
+        finetune.main(["--model_name_or_path", str(tmp_path / "model"), "--data_path", mixed, "--stage",
+                       "xcomposer2-pretrain", "--output_dir", str(tmp_path / "x"), "--use_cpu", "--report_to", "none"])
+    trainer = finetune.main([
+        "--model_name_or_path", str(tmp_path / "model"), "--data_path", f"{first},{second}",
+        "--source_weights", "3,1", "--stage", "xcomposer2-pretrain", "--image_size", "56",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--system", ""])
+    groups = trainer.optimizer.param_groups
+    trained = {id(p) for g in groups for p in g["params"]}
+    decoder_weight = trainer.model.model.language_model.layers[0].attention.wqkv.weight
+    assert id(decoder_weight) not in trained and not decoder_weight.requires_grad  # 2024 pre-training: LLM frozen
+    assert any(g.get("part") == "vision" for g in groups) and isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
+    assert type(trainer._get_train_sampler()).__name__ == "WeightedSourceSampler"
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["vision_config"]["image_size"] == 56
+    out = finetune.load_model_and_processor(str(tmp_path / "out"))[0]
+    assert out.config.num_image_tokens == 16
