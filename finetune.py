@@ -291,21 +291,22 @@ def set_trainable(model, train_vision_tower=False, train_connector=True, train_l
             param.requires_grad_(train_llm)
 
 
+def acts_on_images_only(model, name: str) -> bool:
+    """The vision tower, the connector and Partial LoRA see image tokens only (PEFT's prefix ignored)."""
+    name = name.split("base_model.model.")[-1]
+    return name.startswith(("model.vision_tower.", "model.vision_proj.", "model.perceive_sampler.")) or (
+        model.config.text_config.lora_scope == "image" and is_plora(name))
+
+
 def image_only_parameters_trainable(model) -> bool:
-    """True when a text-only batch would leave trainable parameters without gradients (vision tower,
-    connector, Partial LoRA): DDP must then look for unused parameters."""
-    image_scoped = model.config.text_config.lora_scope == "image"
-    return any(p.requires_grad and (n.split("base_model.model.")[-1].startswith(
-        ("model.vision_tower.", "model.vision_proj.", "model.perceive_sampler.")) or (image_scoped and is_plora(n)))
-        for n, p in model.named_parameters())
+    """True when a text-only batch would leave trainable parameters without gradients: DDP must then look
+    for unused parameters."""
+    return any(p.requires_grad and acts_on_images_only(model, n) for n, p in model.named_parameters())
 
 
 def text_rows_trainable(model) -> bool:
     """True when a text-only batch trains something: the decoder's own weights, plain LoRA or PEFT LoRA."""
-    image_scoped = model.config.text_config.lora_scope == "image"
-    return any(p.requires_grad and not (n.split("base_model.model.")[-1].startswith(
-        ("model.vision_tower.", "model.vision_proj.", "model.perceive_sampler.")) or (image_scoped and is_plora(n)))
-        for n, p in model.named_parameters())
+    return any(p.requires_grad and not acts_on_images_only(model, n) for n, p in model.named_parameters())
 
 
 def apply_lora(model, margs: ModelArguments):
