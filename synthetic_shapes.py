@@ -57,18 +57,24 @@ def _objects(rng: random.Random, shapes, size: int, cells=None, colours=None):
              cell * rng.uniform(0.34, 0.40)) for shape, colour, where in zip(shapes, colours, cells)]
 
 
+def random_scene(rng: random.Random, size: int = 56) -> list:
+    """1-4 random shapes in random cells and colours (what make_sample draws from, without a question)."""
+    return _objects(rng, [rng.choice(SHAPES) for _ in range(rng.randint(1, 4))], size)
+
+
 def make_sample(rng: random.Random, kind: str | None = None, size: int = 56) -> dict:
-    """One question: {"kind", "question" (with one <ImageHere> per image), "answer", "images": [PIL]}."""
+    """One question: {"kind", "question" (with one <ImageHere> per image), "answer", "images": [PIL],
+    "scenes": [[(shape, colour, (column, row), offset, radius)] per image]}."""
     kind = kind or rng.choice(KINDS)
     if kind in ("colour", "shape"):
         objects = _objects(rng, [rng.choice(SHAPES)], size)
         question = "What colour is the shape?" if kind == "colour" else "What shape is it?"
         answer = objects[0][1] if kind == "colour" else objects[0][0]
-        images = [draw_scene(objects, size)]
+        scenes = [objects]
     elif kind == "count":
         count = rng.randint(1, 4)
         objects = _objects(rng, [rng.choice(SHAPES) for _ in range(count)], size)
-        question, answer, images = "How many shapes are there?", str(count), [draw_scene(objects, size)]
+        question, answer, scenes = "How many shapes are there?", str(count), [objects]
     elif kind == "relation":
         first, second = rng.sample(list(COLOURS), 2)
         columns = rng.sample(range(GRID), 2)
@@ -76,16 +82,16 @@ def make_sample(rng: random.Random, kind: str | None = None, size: int = 56) -> 
         objects = _objects(rng, [rng.choice(SHAPES), rng.choice(SHAPES)], size, cells, [first, second])
         question = f"Is the {first} shape left or right of the {second} shape?"
         answer = "left" if columns[0] < columns[1] else "right"
-        images = [draw_scene(objects, size)]
+        scenes = [objects]
     elif kind == "compare":
         counts = rng.sample(range(1, 5), 2)
-        images = [draw_scene(_objects(rng, ["circle"] * n, size), size) for n in counts]
+        scenes = [_objects(rng, ["circle"] * n, size) for n in counts]
         question = "Which image has more circles?"
         answer = "first" if counts[0] > counts[1] else "second"
     else:
         raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
-    return {"kind": kind, "question": IMAGE_PLACEHOLDER * len(images) + question, "answer": answer,
-            "images": images}
+    return {"kind": kind, "question": IMAGE_PLACEHOLDER * len(scenes) + question, "answer": answer,
+            "images": [draw_scene(objects, size) for objects in scenes], "scenes": scenes}
 
 
 def sample_at(seed: int, index: int, size: int = 56, kind: str | None = None) -> dict:
