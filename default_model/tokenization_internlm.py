@@ -1,0 +1,1 @@
+../tokenization_internlm.py

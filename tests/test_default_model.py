@@ -1,0 +1,38 @@
+"""The embedded default model (default_model/, trained by `finetune.py --recipe tiny-synthetic`) loads as users
+load any checkpoint and answers questions about freshly drawn pictures."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import finetune
+
+FOLDER = os.path.join(ROOT, "default_model")
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True).eval()
+    return model, AutoProcessor.from_pretrained(FOLDER, trust_remote_code=True)
+
+
+def test_default_model_answers_fresh_pictures(default_model):
+    model, processor = default_model
+    result = finetune.evaluate_synthetic(model, processor, 200, seed=2024, image_size=56)
+    accuracy = result["accuracy"]
+    for kind in ("colour", "shape", "count", "compare"):
+        assert accuracy[kind] >= 0.9, (kind, accuracy)
+    assert accuracy["overall"] >= 0.85, accuracy
+
+
+def test_demo_runs_and_prints_answers(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--seed", "5", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("XComposer2:") == 5 and (tmp_path / "demo_compare_1.png").exists()
