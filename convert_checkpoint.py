@@ -36,11 +36,11 @@ from collections.abc import Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, GenerationConfig, PreTrainedModel
+from transformers import CLIPVisionConfig, PreTrainedModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_folder import write_model_card  # noqa: E402
+from model_folder import write_generation_config, write_model_card  # noqa: E402
 from configuration_xcomposer import XComposerConfig  # noqa: E402
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed  # noqa: E402
 from processing_xcomposer import (  # noqa: E402
@@ -887,8 +887,7 @@ def write_model_files(folder: str, config: XComposerConfig, tokenizer, family: s
     config.architectures = ["XComposerForCausalLM"]
     config.dtype = dtype
     config.save_pretrained(folder)  # also copies the remote-code modules
-    GenerationConfig(bos_token_id=config.text_config.bos_token_id, eos_token_id=eos,
-                     pad_token_id=config.text_config.pad_token_id, do_sample=False).save_pretrained(folder)
+    write_generation_config(folder, config)  # the same greedy defaults every writer uses
     image_processor = XComposerImageProcessor(image_size=config.vision_config.image_size)
     image_processor.save_pretrained(folder)
     if tokenizer is not None:

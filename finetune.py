@@ -34,7 +34,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from model_folder import finish_model_folder  # noqa: E402
-from configuration_xcomposer import XComposerConfig
+from configuration_xcomposer import XComposerConfig, copy_code_files
 from modeling_xcomposer import XComposerForCausalLM
 from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor, _load_rgb
 from tokenization_internlm import InternLMTokenizer
@@ -373,10 +373,7 @@ def save_folder(model, processor, out_dir: str) -> None:
 
 def save_processor(processor, out_dir: str) -> None:
     processor.save_pretrained(out_dir)
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("tokenization_internlm.py", "processing_xcomposer.py"):
-        if not os.path.exists(os.path.join(out_dir, name)):
-            shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
+    copy_code_files(out_dir)  # a fresh processor's save leaves out the tokenizer's module
 
 
 def merge_lora(base_path: str, adapter_dir: str, out_dir: str):
