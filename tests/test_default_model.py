@@ -30,9 +30,10 @@ def test_default_model_answers_fresh_pictures(default_model):
     finally:
         torch.set_num_threads(threads)
     accuracy = result["accuracy"]
-    for kind in ("colour", "shape", "count", "compare"):
-        assert accuracy[kind] >= 0.9, (kind, accuracy)
-    assert accuracy["overall"] >= 0.85, accuracy
+    assert set(accuracy) == {"colour", "shape", "count", "relation", "compare", "overall"}
+    for kind in ("colour", "shape", "count", "relation", "compare"):
+        assert accuracy[kind] >= 0.85, (kind, accuracy)  # the per-kind bar
+    assert accuracy["overall"] >= 0.95, accuracy
 
 
 def test_demo_runs_and_prints_answers(tmp_path):
