@@ -10,7 +10,7 @@ import finetune
 
 
 def kind_of(record) -> str:
-    question, answer = (turn["value"] for turn in record["conversations"])
+    question = record["conversations"][0]["value"]
     kinds = {"colour": "What colour", "shape": "What shape", "count": "How many", "relation": "left or right",
              "compare": "Which image"}
     return next(kind for kind, words in kinds.items() if words in question)
