@@ -322,9 +322,13 @@ def apply_lora(model, margs: ModelArguments):
     return model
 
 
-def non_lora_trainables(model) -> dict:
-    return {n.removeprefix("base_model.model."): p.detach().cpu().contiguous()
-            for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+def save_non_lora_trainables(model, folder: str) -> None:
+    """The weights trained beside PEFT LoRA (connector, PLoRA, ...), which PEFT's adapter files leave out."""
+    from safetensors.torch import save_file
+
+    state = {n.removeprefix("base_model.model."): p.detach().cpu().contiguous()
+             for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    save_file(state, os.path.join(folder, NON_LORA_FILE))
 
 
 def load_non_lora_trainables(model, folder: str) -> None:
@@ -347,11 +351,9 @@ class SaveNonLoraTrainables(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            from safetensors.torch import save_file
-
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            save_file(non_lora_trainables(model), os.path.join(folder, NON_LORA_FILE))
+            save_non_lora_trainables(model, folder)
 
 
 # --------------------------------------------------------------------------- model folders
@@ -454,9 +456,7 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
     if trainer.is_world_process_zero():
         save_processor(processor, targs.output_dir)
         if margs.use_lora:
-            from safetensors.torch import save_file
-
-            save_file(non_lora_trainables(model), os.path.join(targs.output_dir, NON_LORA_FILE))
+            save_non_lora_trainables(model, targs.output_dir)
     return trainer
 
 

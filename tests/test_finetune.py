@@ -183,9 +183,7 @@ def test_lora_adapter_save_load_merge_gives_identical_logits(tmp_path):
         expected = model(**batch).logits
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
-    from safetensors.torch import save_file
-
-    save_file(finetune.non_lora_trainables(model), adapter / finetune.NON_LORA_FILE)
+    finetune.save_non_lora_trainables(model, str(adapter))
 
     reloaded, _ = finetune.load_model_and_processor(str(tmp_path / "base"), dtype=torch.float32)
     finetune.load_non_lora_trainables(reloaded, str(adapter))
