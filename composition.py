@@ -40,7 +40,6 @@ SELECT_HEAD = "根据给定上下文和候选图像，选择合适的配图："
 SEG_PATTERN = re.compile(r"<Seg([0-9]*)>")  # upstream's `<Seg[0-9]*>`, digits captured
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-END_OF_TURN = {True: "<TOKENS_UNUSED_1>", False: "[UNUSED_TOKEN_145]"}  # keyed by config.is_v1
 
 
 class CompositionWarning(UserWarning):
@@ -414,7 +413,7 @@ class Composer:
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             tokenizer = self.processor.tokenizer
-            eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN[self.model.config.is_v1])]
+            eos = self.processor.stop_token_ids
             kwargs = {"do_sample": False, **self.generation_kwargs}
             # Embedding rows past the tokenizer's pieces (v1 pads 103168 to 103170) cannot be decoded.
             unused = range(len(tokenizer), self.model.config.text_config.vocab_size)

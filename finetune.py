@@ -36,7 +36,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from model_folder import finish_model_folder  # noqa: E402
 from configuration_xcomposer import XComposerConfig, copy_code_files
 from modeling_xcomposer import XComposerForCausalLM
-from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor, _load_rgb
+from processing_xcomposer import END_OF_TURN, IMAGE_PLACEHOLDER, XComposerProcessor, load_image
 from tokenization_internlm import InternLMTokenizer
 from training_recipes import (
     RecipeArguments,
@@ -49,7 +49,6 @@ from training_recipes import (
 )
 
 IGNORE_INDEX = -100
-END_OF_TURN = XComposerForCausalLM.END_OF_TURN
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
                 "system": "system"}
 # Decoder linears only: never the vision tower, and never PartialLoRALinear's own A/B adapters.
@@ -134,9 +133,9 @@ class ChatEncoder:
     """Renders messages with the processor's chat template (the one model.chat uses) and tokenizes them into
     input_ids and labels: only assistant answers up to and including their end-of-turn piece are trained."""
 
-    def __init__(self, processor, connector: str, system: str | None = None):
+    def __init__(self, processor, system: str | None = None):
         self.processor, self.system = processor, system
-        self.end_piece = END_OF_TURN[connector]
+        self.end_piece = processor.end_of_turn
         self._encode = functools.lru_cache(maxsize=65536)(self._encode_uncached)
 
     def __call__(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -167,7 +166,7 @@ class ChatEncoder:
         input_ids, labels = [], []
         for j, (text, trained) in enumerate(pieces):
             # Tokenized as the processor does (and model.chat does for the prompt): BOS once, images expanded.
-            ids = self.processor._expand(text.split(self.processor.image_token), add_special_tokens=j == 0)
+            ids = self.processor.encode_prompt(text, add_special_tokens=j == 0)
             input_ids += ids
             labels += [t if trained and t != self.processor.image_token_id else IGNORE_INDEX for t in ids]
         return input_ids, labels
@@ -220,7 +219,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             images = [self._path(im) if isinstance(im, (str, os.PathLike)) else im() if callable(im) else im
                       for im in images]
             try:
-                pixel_values = self.encoder.processor.image_processor([_load_rgb(im) for im in images])["pixel_values"]
+                pixel_values = self.encoder.processor.image_processor([load_image(im) for im in images])["pixel_values"]
             except ValueError as err:
                 raise BadSample(f"sample {name}: {err}") from err
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
@@ -432,7 +431,7 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
                       on(margs.train_llm, True) and not margs.use_lora, on(margs.train_plora, True))
     if margs.use_lora:
         model = apply_lora(model, margs)
-    encoder = ChatEncoder(processor, model.config.connector, dargs.system)
+    encoder = ChatEncoder(processor, dargs.system)
     if rargs.source_weights:  # each file is one source, drawn with its weight
         dataset = concat_sources([
             ConversationDataset(load_records(path), encoder, dargs.max_length,
@@ -695,7 +694,7 @@ def run_tiny_synthetic(out_dir: str, **overrides) -> dict:
 
     accuracy = warm_up_vision(model, processor, recipe["vision_warmup_s"], recipe["seed"])
     print(f"vision warm-up: token accuracy {accuracy:.3f} after {recipe['vision_warmup_s']}s", flush=True)
-    encoder = ChatEncoder(processor, config.connector, system="")
+    encoder = ChatEncoder(processor, system="")
     records = SyntheticRecords(recipe["train_samples"], recipe["seed"], recipe["image_size"],
                                recipe["curriculum_samples"])
     dataset = ConversationDataset(records, encoder, config.text_config.max_position_embeddings)

@@ -620,8 +620,6 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
                                        hidden_states=outputs.hidden_states,
                                        image_hidden_states=outputs.image_hidden_states)
 
-    END_OF_TURN = {"mlp2x_gelu": "[UNUSED_TOKEN_145]", "perceive_sampler": "<TOKENS_UNUSED_1>"}
-
     @torch.no_grad()
     def chat(self, processor, query: str, images=None, history=(), system: str | None = None, streamer=None,
              max_new_tokens: int = 1024, do_sample: bool = False, **generate_kwargs) -> tuple[str, list]:
@@ -649,7 +647,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         tokenizer = processor.tokenizer
-        eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(self.END_OF_TURN[self.config.connector])]
+        eos = processor.stop_token_ids
         room = self.config.text_config.max_position_embeddings - inputs["input_ids"].shape[1]
         output = self.generate(**inputs, streamer=streamer, max_new_tokens=min(max_new_tokens, room),
                                do_sample=do_sample,

@@ -78,6 +78,12 @@ CHAT_TEMPLATE_V1 = _RENDER_CONTENT + (
 )
 
 
+# The chat format of each generation, keyed by config.connector: its template and the piece that ends a turn
+# (generation stops there, and fine-tuning trains it as the last piece of every answer).
+CHAT_TEMPLATES = {"mlp2x_gelu": CHAT_TEMPLATE_V2, "perceive_sampler": CHAT_TEMPLATE_V1}
+END_OF_TURN = {"mlp2x_gelu": "[UNUSED_TOKEN_145]", "perceive_sampler": "<TOKENS_UNUSED_1>"}
+
+
 class XComposerImagesKwargs(ImagesKwargs, total=False):
     image_size: int
 
@@ -124,7 +130,7 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(_wide_to_uint8(array)))
 
 
-def _load_rgb(image) -> Image.Image:
+def load_image(image) -> Image.Image:
     """Any supported input -> RGB PIL image, as upstream's `Image.open(path).convert('RGB')`."""
     if isinstance(image, (str, os.PathLike)):
         try:
@@ -172,7 +178,7 @@ class XComposerImageProcessor(BaseImageProcessor):
         std = np.asarray(self.image_std, dtype=np.float32)
         pixels = []
         for image in images:
-            rgb = _load_rgb(image).resize((size, size), Image.BICUBIC)
+            rgb = load_image(image).resize((size, size), Image.BICUBIC)
             array = np.asarray(rgb, dtype=np.float32) / np.float32(255)  # (S, S, 3), ToTensor
             pixels.append(((array - mean) / std).transpose(2, 0, 1))  # (3, S, S), Normalize
         pixel_values = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.float32)
@@ -192,6 +198,7 @@ class XComposerProcessor(ProcessorMixin):
         num_image_tokens: int | None = None,
         image_token_id: int | None = None,
         image_token: str = IMAGE_PLACEHOLDER,
+        end_of_turn: str | None = None,
         chat_template: str | None = None,
     ):
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
@@ -201,6 +208,7 @@ class XComposerProcessor(ProcessorMixin):
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
         self.image_token = image_token
+        self.end_of_turn = end_of_turn
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -211,8 +219,21 @@ class XComposerProcessor(ProcessorMixin):
             tokenizer=tokenizer,
             num_image_tokens=config.num_image_tokens,
             image_token_id=config.image_token_id,
-            chat_template=CHAT_TEMPLATE_V1 if config.connector == "perceive_sampler" else CHAT_TEMPLATE_V2,
+            end_of_turn=END_OF_TURN[config.connector],
+            chat_template=CHAT_TEMPLATES[config.connector],
         )
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops at eos or at the piece that ends a turn."""
+        ids = [self.tokenizer.eos_token_id]
+        if self.end_of_turn is not None:
+            ids.append(self.tokenizer.convert_tokens_to_ids(self.end_of_turn))
+        return ids
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one prompt, each `<ImageHere>` expanded into `num_image_tokens` image ids."""
+        return self._expand(text.split(self.image_token), add_special_tokens)
 
     def __call__(
         self,

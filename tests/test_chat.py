@@ -7,10 +7,8 @@ from PIL import Image
 from tiny_sp import tiny_sp_path
 from transformers import TextStreamer
 
-from processing_xcomposer import XComposerProcessor
+from processing_xcomposer import END_OF_TURN, XComposerProcessor
 from tokenization_internlm import InternLMTokenizer
-
-END_OF_TURN = {2: "[UNUSED_TOKEN_145]", 1: "<TOKENS_UNUSED_1>"}
 
 
 def setup(version):
@@ -48,13 +46,13 @@ def test_chat_prompt_follows_the_chat_format_and_matches_generate(version):
             if version == 2 else " <|User|>:<ImageHere>Describe it.\n<TOKENS_UNUSED_0> <|Bot|>:")
     inputs = processor(text=turn, images=[image])
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
-                         eos_token_id=[2, tokenizer.convert_tokens_to_ids(END_OF_TURN[version])])
+                         eos_token_id=[2, tokenizer.convert_tokens_to_ids(END_OF_TURN[model.config.connector])])
     assert tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == response
 
 
 def test_chat_stops_at_the_end_of_turn_piece(version):
     model, tokenizer = setup(version)
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN[version])
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN[model.config.connector])
     steps = []
 
     def favour_end_of_turn(module, args, logits):

@@ -57,13 +57,13 @@ def test_labels_train_only_assistant_answers_and_their_end_piece():
     model = build_model(2)
     processor = make_processor(model)
     tokenizer = processor.tokenizer
-    encoder = finetune.ChatEncoder(processor, model.config.connector, system="be brief")
+    encoder = finetune.ChatEncoder(processor, system="be brief")
     messages = [{"role": "user", "content": "<ImageHere>What is it?"}, {"role": "assistant", "content": "a star"},
                 {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]
     input_ids, labels = encoder(messages)
 
     def ids(text, first=False):
-        return processor._expand(text.split("<ImageHere>"), add_special_tokens=first)
+        return processor.encode_prompt(text, add_special_tokens=first)
 
     prompt1 = ("[UNUSED_TOKEN_146]system\nbe brief[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\n<ImageHere>What is it?"
                "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
@@ -80,13 +80,13 @@ def test_labels_train_only_assistant_answers_and_their_end_piece():
     # the prompt is tokenized exactly as model.chat tokenizes it
     chat_prompt = processor.apply_chat_template([{"role": "system", "content": "be brief"}, messages[0]],
                                                 add_generation_prompt=True, tokenize=False)
-    assert processor._expand(chat_prompt.split("<ImageHere>"), True) == input_ids[:start]
+    assert processor.encode_prompt(chat_prompt) == input_ids[:start]
 
 
 def test_v1_labels_end_with_its_end_of_answer_piece():
     model = build_model(1)
     processor = make_processor(model)
-    encoder = finetune.ChatEncoder(processor, model.config.connector)
+    encoder = finetune.ChatEncoder(processor)
     input_ids, labels = encoder([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}])
     trained = [t for t in labels if t != -100]
     assert trained[-1] == processor.tokenizer.convert_tokens_to_ids("<TOKENS_UNUSED_1>")
@@ -113,7 +113,7 @@ def test_a_few_steps_lower_the_loss(version, tmp_path):
     processor = make_processor(model)
     finetune.set_trainable(model, train_vision_tower=True)
     dataset = finetune.ConversationDataset(mixed_records(tmp_path, 4), finetune.ChatEncoder(
-        processor, model.config.connector, system=""), max_length=256, image_folder=str(tmp_path))
+        processor, system=""), max_length=256, image_folder=str(tmp_path))
     batch = finetune.DataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         before = model(**batch).loss.item()
@@ -242,7 +242,7 @@ def test_bad_samples_name_the_sample_or_are_skipped_with_a_count(problem, messag
     else:
         bad["conversations"] = []
     records = [*good, bad]
-    encoder = finetune.ChatEncoder(processor, model.config.connector, system="")
+    encoder = finetune.ChatEncoder(processor, system="")
     with pytest.raises(ValueError, match=f"sample bad-one: .*{message}"):
         finetune.ConversationDataset(records, encoder, 256, str(tmp_path))
     logs = []
