@@ -4,16 +4,16 @@ One config serves both generations. `connector` selects the path between image a
 - "mlp2x_gelu": v2. CLIP ViT-L/14 patch features -> MLP projector -> InternLM2 with Partial LoRA.
 - "perceive_sampler": v1. EVA-CLIP ViT-g -> BLIP-2 Q-Former with learned queries -> projection,
   wrapped in learned start/end flags -> InternLM (LoRA merged, or as plain adapters).
+
+The classes use a classic `__init__` (attributes set after the base class's own), which every
+transformers release from 4.45 to 5.x accepts for remote code; sub-configs are built here from dicts.
 """
 
-import os
-import shutil
+from transformers import PretrainedConfig
 
-from transformers import PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
-
-
-# Every folder we write loads through the Auto classes with trust_remote_code from these flat modules.
+# The Auto classes a folder of ours loads with (trust_remote_code), and the flat modules that define them. Each
+# class registers itself under its entry (register_for_auto_class), so its save_pretrained copies its module;
+# the config starts from the whole table, so aliases such as AutoModelForImageTextToText are always present.
 AUTO_MAP = {
     "AutoConfig": "configuration_xcomposer.XComposerConfig",
     "AutoModel": "modeling_xcomposer.XComposerModel",
@@ -22,77 +22,96 @@ AUTO_MAP = {
     "AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None],
     "AutoProcessor": "processing_xcomposer.XComposerProcessor",
 }
-
-# The flat modules a model folder needs beside its weights, copied by every writer of a folder.
-CODE_FILES = ("configuration_xcomposer.py", "modeling_xcomposer.py", "build_mlp.py", "tokenization_internlm.py",
-              "processing_xcomposer.py", "model_folder.py")
-
-
-def _check_heads(name: str, hidden_size: int, num_heads: int) -> None:
-    if num_heads <= 0 or hidden_size % num_heads:
-        raise ValueError(f"{name}: num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})")
+CONNECTORS = ("mlp2x_gelu", "perceive_sampler")
+# The decoder linears that carry (Partial) LoRA, attention then feed-forward, as InternLM2 names them.
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 
 
-class XComposerVisionConfig(PreTrainedConfig):
+def _positive_ints(where: str, config, names) -> None:
+    """Sizes from a config file are untrusted: reject non-integers and non-positive values by name."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
+def _positive_floats(where: str, config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{where}.{name} must be a positive number, got {value!r}")
+
+
+def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads:
+        raise ValueError(f"{where}: num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size})")
+
+
+class XComposerVisionConfig(PretrainedConfig):
     """A pre-LN ViT. `variant` "clip" is OpenAI CLIP (pre_layrnorm, q/k/v biases, quick_gelu);
     "eva" is EVA-CLIP as built by BLIP-2 (conv bias, q_bias/v_bias only, exact GELU, ln_vision at the end)."""
 
     model_type = "xcomposer_vision"
     base_config_key = "vision_config"
 
-    variant: str = "clip"
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    image_size: int = 490
-    patch_size: int = 14
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    final_layer_norm_eps: float = 1e-5  # EVA's ln_vision keeps torch's default eps
-    initializer_range: float = 0.02
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.variant not in ("clip", "eva"):
-            raise ValueError(f"vision_config.variant must be 'clip' or 'eva', got {self.variant!r}")
-        if self.patch_size <= 0 or self.image_size % self.patch_size:
-            raise ValueError(
-                f"vision_config: image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
-            )
-        _check_heads("vision_config", self.hidden_size, self.num_attention_heads)
+    def __init__(self, variant="clip", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                 num_attention_heads=16, image_size=490, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 final_layer_norm_eps=1e-5, initializer_range=0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.variant = variant
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.final_layer_norm_eps = final_layer_norm_eps  # EVA's ln_vision keeps torch's default eps
+        self.initializer_range = initializer_range
+        if variant not in ("clip", "eva"):
+            raise ValueError(f"vision_config.variant must be 'clip' or 'eva', got {variant!r}")
+        _positive_ints("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "image_size", "patch_size"))
+        _positive_floats("vision_config", self, ("layer_norm_eps", "final_layer_norm_eps"))
+        if image_size % patch_size:
+            raise ValueError(f"vision_config: image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        _check_heads("vision_config", hidden_size, num_attention_heads)
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
-class XComposerQFormerConfig(PreTrainedConfig):
+class XComposerQFormerConfig(PretrainedConfig):
     """The v1 perceive sampler: a BERT-base Q-Former whose learned queries cross-attend to the image
     every `cross_attention_frequency`-th layer, starting at layer 0."""
 
     model_type = "xcomposer_qformer"
     base_config_key = "qformer_config"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
-    cross_attention_frequency: int = 2
-    encoder_hidden_size: int = 1408
-    num_query_tokens: int = 64
-    initializer_range: float = 0.02
+    def __init__(self, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="gelu", layer_norm_eps=1e-12, cross_attention_frequency=2, encoder_hidden_size=1408,
+                 num_query_tokens=64, initializer_range=0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.cross_attention_frequency = cross_attention_frequency
+        self.encoder_hidden_size = encoder_hidden_size
+        self.num_query_tokens = num_query_tokens
+        self.initializer_range = initializer_range
+        _positive_ints("qformer_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "cross_attention_frequency",
+                                                "encoder_hidden_size", "num_query_tokens"))
+        _positive_floats("qformer_config", self, ("layer_norm_eps",))
+        _check_heads("qformer_config", hidden_size, num_attention_heads)
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _check_heads("qformer_config", self.hidden_size, self.num_attention_heads)
-        if self.cross_attention_frequency <= 0 or self.num_query_tokens <= 0:
-            raise ValueError("qformer_config: cross_attention_frequency and num_query_tokens must be positive")
 
-
-class XComposerTextConfig(PreTrainedConfig):
+class XComposerTextConfig(PretrainedConfig):
     """The InternLM (v1) / InternLM2 (v2) decoder. v1 is `attention_bias=True`, MHA, rope_theta 1e4;
     v2 is GQA with rope_theta 1e6. The low-rank adapters act on image rows only
     (`lora_scope="image"`, Partial LoRA of v2) or on every row (`"all"`, plain LoRA of v1);
@@ -101,56 +120,65 @@ class XComposerTextConfig(PreTrainedConfig):
     model_type = "xcomposer_text"
     base_config_key = "text_config"
 
-    vocab_size: int = 92544
-    hidden_size: int = 4096
-    intermediate_size: int = 14336
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-5
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    lora_rank: int = 256
-    lora_alpha: float = 256.0
-    lora_dropout: float = 0.05
-    lora_scope: str = "image"
-    lora_targets: list[str] | None = None
-    initializer_range: float = 0.02
-    use_cache: bool = True
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = 2
-
-    LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _check_heads("text_config", self.hidden_size, self.num_attention_heads)
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"text_config: num_key_value_heads ({self.num_key_value_heads}) must divide "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.lora_scope not in ("image", "all"):
-            raise ValueError(f"text_config.lora_scope must be 'image' or 'all', got {self.lora_scope!r}")
-        if self.lora_targets is None:
-            self.lora_targets = list(self.LORA_TARGETS)
-        unknown = sorted(set(self.lora_targets) - set(self.LORA_TARGETS))
+    def __init__(self, vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
+                 rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=False, attention_dropout=0.0, lora_rank=256,
+                 lora_alpha=256.0, lora_dropout=0.05, lora_scope="image", lora_targets=None, initializer_range=0.02,
+                 use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs):
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_scope = lora_scope
+        self.lora_targets = list(LORA_TARGETS) if lora_targets is None else list(lora_targets)
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        # Set after the base class's __init__, which on 4.x resets the special token ids it knows.
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        _positive_ints("text_config", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                             "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        _positive_floats("text_config", self, ("rope_theta", "rms_norm_eps"))
+        _check_heads("text_config", hidden_size, num_attention_heads)
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"text_config: num_key_value_heads ({num_key_value_heads}) must divide "
+                             f"num_attention_heads ({num_attention_heads})")
+        if lora_scope not in ("image", "all"):
+            raise ValueError(f"text_config.lora_scope must be 'image' or 'all', got {lora_scope!r}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if unknown:
-            raise ValueError(f"text_config.lora_targets: unknown {unknown}; choose from {list(self.LORA_TARGETS)}")
-        if self.lora_rank < 0:
-            raise ValueError(f"text_config.lora_rank must be >= 0, got {self.lora_rank}")
+            raise ValueError(f"text_config.lora_targets: unknown {unknown}; choose from {list(LORA_TARGETS)}")
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"text_config.lora_rank must be an integer >= 0, got {lora_rank!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
 
-class XComposerConfig(PreTrainedConfig):
+def _sub_config(cls, value, where: str):
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**{k: v for k, v in value.items() if k != "model_type"})
+    if isinstance(value, cls):
+        return value
+    raise TypeError(f"{where} must be a dict or a {cls.__name__}, got {type(value).__name__}")
+
+
+class XComposerConfig(PretrainedConfig):
     """InternLM-XComposer(2): vision tower + connector + decoder.
 
     `image_token_id` marks one image position in `input_ids`; it defaults to `text_config.vocab_size`,
@@ -159,55 +187,36 @@ class XComposerConfig(PreTrainedConfig):
     """
 
     model_type = "xcomposer"
-    sub_configs_defaults = {
-        "vision_config": XComposerVisionConfig,
-        "text_config": XComposerTextConfig,
-        "qformer_config": SubConfigSpec(XComposerQFormerConfig, optional=True),
-    }
+    # qformer_config is left out: it is None for v2, which 4.5x's to_diff_dict cannot take for a listed sub-config.
+    sub_configs = {"vision_config": XComposerVisionConfig, "text_config": XComposerTextConfig}
 
-    vision_config: dict | XComposerVisionConfig | None = None
-    text_config: dict | XComposerTextConfig | None = None
-    qformer_config: dict | XComposerQFormerConfig | None = None
-    connector: str = "mlp2x_gelu"
-    image_token_id: int | None = None
-    tie_word_embeddings: bool = False
-
-    CONNECTORS = ("mlp2x_gelu", "perceive_sampler")
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if not getattr(self, "auto_map", None):
-            self.auto_map = dict(AUTO_MAP)
-        if self.connector not in self.CONNECTORS:
-            raise ValueError(f"connector must be one of {self.CONNECTORS}, got {self.connector!r}")
-        if self.connector == "perceive_sampler":
-            if self.qformer_config is None:
-                self.qformer_config = XComposerQFormerConfig(encoder_hidden_size=self.vision_config.hidden_size)
+    def __init__(self, vision_config=None, text_config=None, qformer_config=None, connector="mlp2x_gelu",
+                 image_token_id=None, **kwargs):
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        if connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
+        self.connector = connector
+        self.vision_config = _sub_config(XComposerVisionConfig, vision_config, "vision_config")
+        self.text_config = _sub_config(XComposerTextConfig, text_config, "text_config")
+        self.qformer_config = None
+        if connector == "perceive_sampler":
+            if qformer_config is None:
+                qformer_config = {"encoder_hidden_size": self.vision_config.hidden_size}
+            self.qformer_config = _sub_config(XComposerQFormerConfig, qformer_config, "qformer_config")
             if self.qformer_config.encoder_hidden_size != self.vision_config.hidden_size:
                 raise ValueError(
                     f"qformer_config.encoder_hidden_size ({self.qformer_config.encoder_hidden_size}) must equal "
-                    f"vision_config.hidden_size ({self.vision_config.hidden_size})"
-                )
-        if self.image_token_id is None:
-            self.image_token_id = self.text_config.vocab_size
-        if self.image_token_id < self.text_config.vocab_size:
-            raise ValueError(
-                f"image_token_id ({self.image_token_id}) must be >= text_config.vocab_size "
-                f"({self.text_config.vocab_size}) so the model can never generate it"
-            )
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """Also copies the remote-code modules, so the folder loads with trust_remote_code anywhere."""
-        super().save_pretrained(save_directory, **kwargs)
-        copy_code_files(save_directory)
-
-    @property
-    def is_v1(self) -> bool:
-        return self.connector == "perceive_sampler"
+                    f"vision_config.hidden_size ({self.vision_config.hidden_size})")
+        self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
+        if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or self.image_token_id < 0:
+            raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id!r}")
+        if not getattr(self, "auto_map", None):
+            self.auto_map = dict(AUTO_MAP)
 
     @property
     def num_image_tokens(self) -> int:
-        if self.is_v1:
+        if self.connector == "perceive_sampler":
             return self.qformer_config.num_query_tokens + 2
         return self.vision_config.num_patches
 
@@ -236,10 +245,4 @@ PRESETS = {
                          qformer_config=dict(encoder_hidden_size=1408)),
 }
 
-
-def copy_code_files(save_directory) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in CODE_FILES:
-        source, target = os.path.join(here, name), os.path.join(save_directory, name)
-        if os.path.abspath(source) != os.path.abspath(target):
-            shutil.copyfile(source, target)
+XComposerConfig.register_for_auto_class()

@@ -18,7 +18,6 @@ assembled in a temporary folder beside it, then moved into place only when compl
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -28,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -40,15 +38,10 @@ from transformers import CLIPVisionConfig, PreTrainedModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_folder import write_generation_config, write_model_card  # noqa: E402
+from model_folder import staged_folder as _staged_folder, write_folder_files  # noqa: E402
 from configuration_xcomposer import XComposerConfig  # noqa: E402
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed  # noqa: E402
-from processing_xcomposer import (  # noqa: E402
-    CHAT_TEMPLATE_V1,
-    CHAT_TEMPLATE_V2,
-    XComposerImageProcessor,
-    XComposerProcessor,
-)
+from processing_xcomposer import XComposerProcessor  # noqa: E402
 from tokenization_internlm import InternLMTokenizer  # noqa: E402
 
 
@@ -66,7 +59,6 @@ DEFAULT_SHARD_SIZE = "5GB"
 NAMES = {1: "XComposer v1", 2: "XComposer2"}
 # Per decoder family: the piece that ends a bot turn (and its id in the full-size tokenizer), the chat template.
 END_OF_TURN = {"internlm2": ("[UNUSED_TOKEN_145]", 92542), "internlm": ("<TOKENS_UNUSED_1>", 103028)}
-CHAT_TEMPLATES = {"internlm2": CHAT_TEMPLATE_V2, "internlm": CHAT_TEMPLATE_V1}
 V1_ADDED_TOKENS = ["<ITG_TOKEN>", "<SOI_TOKEN>"]  # upstream v1's vocabulary = sentencepiece pieces + these two
 LINEARS = {"wqkv": "attention.wqkv", "wo": "attention.wo", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
            "w3": "feed_forward.w3"}
@@ -809,29 +801,11 @@ def _check_destination(dst: str, force: bool, *sources):
         raise ConversionError(f"{dst} already exists; pass --force to replace it")
 
 
-@contextlib.contextmanager
 def staged_folder(dst: str, force: bool):
-    """A temporary folder beside DST that replaces DST only if the block completes; removed on any failure."""
-    dst = os.path.abspath(dst)
+    """model_folder.staged_folder, with the converter's error for an existing DST."""
     if os.path.lexists(dst) and not force:
-        raise ConversionError(f"{dst} already exists; pass --force to replace it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
-    old = None
-    try:
-        yield tmp
-        if os.path.lexists(dst):
-            old = tmp + ".old"
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-    except BaseException:
-        if old is not None and not os.path.lexists(dst):
-            os.replace(old, dst)  # put the previous DST back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+        raise ConversionError(f"{os.path.abspath(dst)} already exists; pass --force to replace it")
+    return _staged_folder(dst, replace=force)
 
 
 @dataclasses.dataclass
@@ -886,18 +860,13 @@ def write_model_files(folder: str, config: XComposerConfig, tokenizer, family: s
     config.text_config.eos_token_id = eos
     config.architectures = ["XComposerForCausalLM"]
     config.dtype = dtype
-    config.save_pretrained(folder)  # also copies the remote-code modules
-    write_generation_config(folder, config)  # the same greedy defaults every writer uses
-    image_processor = XComposerImageProcessor(image_size=config.vision_config.image_size)
-    image_processor.save_pretrained(folder)
+    processor = None
     if tokenizer is not None:
-        XComposerProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                           num_image_tokens=config.num_image_tokens, image_token_id=config.image_token_id,
-                           chat_template=CHAT_TEMPLATES[family]).save_pretrained(folder)
+        processor = XComposerProcessor.for_model(config, tokenizer)
     else:
         print("note: the source has no tokenizer.model, so the output has no tokenizer or processor", file=sys.stderr)
-    write_model_card(folder, config, description="Converted with this repository's convert_checkpoint.py; numerics identical "
-                                 "to the original checkpoint.")
+    write_folder_files(folder, config, processor, description="Converted with this repository's convert_checkpoint.py; "
+                       "numerics identical to the original checkpoint.")
 
 
 # --------------------------------------------------------------------------- upstream -> ours
@@ -1094,9 +1063,9 @@ class ExportView:
         self.merge, self.zero, self.scaling, self.b_scale = set(), set(), 1.0, 1.0
         if text.lora_scope == "all" and text.lora_rank:
             self.merge, self.scaling, canonical.lora_rank = adapted, text.lora_alpha / text.lora_rank, 0
-        elif text.lora_rank and config.is_v1:
+        elif text.lora_rank and config.connector == "perceive_sampler":
             raise ConversionError("XComposer v1 cannot hold Partial LoRA (lora_scope 'image'), and it cannot be merged")
-        if not config.is_v1:
+        if config.connector != "perceive_sampler":
             if canonical.lora_rank and sorted(text.lora_targets) != sorted(LINEARS):
                 raise ConversionError(f"XComposer2 has Partial LoRA on all of {list(LINEARS)}, this model only on "
                                       f"{text.lora_targets}")
@@ -1144,7 +1113,7 @@ def upstream_config(config: XComposerConfig, dtype: torch.dtype, lora_rank: int)
                   max_position_embeddings=text.max_position_embeddings, rms_norm_eps=text.rms_norm_eps,
                   initializer_range=text.initializer_range, tie_word_embeddings=False,
                   torch_dtype=str(dtype).removeprefix("torch."), use_cache=True, vocab_size=text.vocab_size)
-    if config.is_v1:
+    if config.connector == "perceive_sampler":
         lora = dict(lora_r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.05, learn_param=["q", "v", "ffn"])
         return dict(architectures=["InternLMXComposerForCausalLM"], model_type="InternLMXComposer",
                     bias=text.attention_bias, kqvo_bias=text.attention_bias, pad_token_id=-1,
@@ -1187,7 +1156,7 @@ def export_upstream(src: str, dst: str, dtype=None, max_shard_size=DEFAULT_SHARD
     identity = {_template(name)[0]: _template(name)[0] for name in checkpoint.specs}
     plan([(checkpoint, Rules(identity))], expected_shapes(config), where=src)
     view = ExportView(checkpoint, config, lora_rank)
-    version = 1 if config.is_v1 else 2
+    version = 1 if config.connector == "perceive_sampler" else 2
     dtype = _parse_dtype(dtype) or _source_dtype(cfg, checkpoint.specs)
     upstream = upstream_config(view.config, dtype, lora_rank)
     rules = upstream_rules(version, upstream, view.config).inverse()

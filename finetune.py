@@ -31,10 +31,10 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
-from model_folder import finish_model_folder  # noqa: E402
-from configuration_xcomposer import XComposerConfig, copy_code_files
+from configuration_xcomposer import XComposerConfig
+from model_folder import save_model_folder, write_folder_files
 from modeling_xcomposer import XComposerForCausalLM
 from processing_xcomposer import END_OF_TURN, IMAGE_PLACEHOLDER, XComposerProcessor, load_image
 from tokenization_internlm import InternLMTokenizer
@@ -264,11 +264,6 @@ def load_records(data_path: str) -> list:
 # --------------------------------------------------------------------------- what trains
 
 
-def connector_of(model):
-    inner = model.model
-    return inner.perceive_sampler if model.config.is_v1 else inner.vision_proj
-
-
 def is_plora(name: str) -> bool:
     return re.search(r"\.(A|B)\.weight$", name) is not None
 
@@ -364,17 +359,7 @@ def load_model_and_processor(path: str, dtype=None):
     return model, XComposerProcessor.for_model(model.config, tokenizer)
 
 
-def save_folder(model, processor, out_dir: str) -> None:
-    """A complete, self-contained folder: safetensors weights, code, tokenizer, processor, generation config
-    and model card (the same set the converter writes)."""
-    model.save_pretrained(out_dir)
-    finish_model_folder(out_dir, model.config, processor, title="XComposer fine-tuned with finetune.py",
-                        parameters=sum(p.numel() for p in model.parameters()))
-
-
-def save_processor(processor, out_dir: str) -> None:
-    processor.save_pretrained(out_dir)
-    copy_code_files(out_dir)  # a fresh processor's save leaves out the tokenizer's module
+CARD_TITLE = "XComposer fine-tuned with finetune.py"
 
 
 def merge_lora(base_path: str, adapter_dir: str, out_dir: str):
@@ -387,7 +372,7 @@ def merge_lora(base_path: str, adapter_dir: str, out_dir: str):
     model, processor = load_model_and_processor(base_path, dtype=torch.float32)
     load_non_lora_trainables(model, adapter_dir)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    save_folder(merged, processor, out_dir)
+    save_model_folder(merged, processor, out_dir, title=CARD_TITLE)
     return merged
 
 
@@ -453,9 +438,12 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
     # The Trainer gathers FSDP/DeepSpeed shards; a PeftModel saves its adapter (adapter_model.safetensors).
     trainer.save_model(targs.output_dir)
     if trainer.is_world_process_zero():
-        save_processor(processor, targs.output_dir)
-        if margs.use_lora:
+        if margs.use_lora:  # an adapter folder: the adapter, the other trained weights, the processor
+            processor.save_pretrained(targs.output_dir)
             save_non_lora_trainables(model, targs.output_dir)
+        else:  # a complete model folder
+            write_folder_files(targs.output_dir, model.config, processor, title=CARD_TITLE,
+                               parameters=model.num_parameters())
     return trainer
 
 
@@ -711,7 +699,7 @@ def run_tiny_synthetic(out_dir: str, **overrides) -> dict:
     trainer.train()
     train_s = time.time() - start
     model.eval()
-    save_folder(model, processor, out_dir)
+    save_model_folder(model, processor, out_dir, title="XComposer2 trained by the tiny-synthetic recipe")
     shutil.rmtree(os.path.join(out_dir, "trainer_state"), ignore_errors=True)
 
     # Evaluate the folder as users load it. One thread: decoding runs many tiny ops, which a second thread

@@ -1,18 +1,27 @@
-"""The complete model folder: what every writer (save_pretrained, the converter, finetune.py) puts beside
-the weights, and the check that a folder is complete before it is shared."""
+"""Writing complete model folders: the one writer that the converter, finetune.py, the tiny-synthetic recipe
+and push_to_hub.py share. Not remote code: a downloaded model never runs this file.
 
+A model loads from `model.save_pretrained` + `processor.save_pretrained` alone (transformers copies the
+remote-code modules of every class it saves). What a published folder adds, and what only its writers
+decide, lives here: the generation defaults, the model card, the staging that makes a folder appear only
+when it is complete, and the check that a folder is complete before it is shared.
+"""
+
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 
 from transformers import GenerationConfig
 
-try:  # as remote code, inside transformers' dynamic package
-    from .configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
-except ImportError:  # from a checkout
-    from configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig, copy_code_files
+from configuration_xcomposer import AUTO_MAP, XComposerConfig
+from processing_xcomposer import XComposerImageProcessor
 
-UPSTREAM_REPOS = {"xcomposer2-vl-7b": "internlm/internlm-xcomposer2-vl-7b", "xcomposer2-7b": "internlm/internlm-xcomposer2-7b",
-                  "xcomposer-vl-7b": "internlm/internlm-xcomposer-vl-7b", "xcomposer-7b": "internlm/internlm-xcomposer-7b"}
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The flat remote-code modules a folder needs beside its weights.
+CODE_FILES = ("configuration_xcomposer.py", "modeling_xcomposer.py", "build_mlp.py", "tokenization_internlm.py",
+              "processing_xcomposer.py")
 FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                 "processor_config.json", "chat_template.jinja", "README.md", *CODE_FILES)
 
@@ -41,8 +50,8 @@ license: {license}
 | image tokens per image | {image_tokens} |
 | parameters | {parameters} |
 
-Loads with the Auto classes and `trust_remote_code=True` (transformers 5.24, torch 2.13); the code is
-in this folder, and nothing is downloaded at construction.
+Loads with the Auto classes and `trust_remote_code=True`; the code is in this folder, and nothing is
+downloaded at construction.
 
 ```python
 import torch
@@ -62,6 +71,14 @@ batched, left-padded generation. Each `<ImageHere>` in a prompt stands for one i
 """
 
 
+def copy_code_files(folder) -> None:
+    """The remote-code modules of this checkout, so a folder written from scratch (the converter) loads."""
+    for name in CODE_FILES:
+        source, target = os.path.join(HERE, name), os.path.join(folder, name)
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
+
+
 def write_generation_config(folder, config: XComposerConfig) -> None:
     text = config.text_config
     GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
@@ -71,7 +88,7 @@ def write_generation_config(folder, config: XComposerConfig) -> None:
 def write_model_card(folder, config: XComposerConfig, repo_id: str | None = None, base_model: str | None = None,
                      title: str | None = None, description: str = "", license: str = "other",
                      parameters: int | None = None) -> None:
-    v1 = config.is_v1
+    v1 = config.connector == "perceive_sampler"
     vision, text = config.vision_config, config.text_config
     card = CARD.format(
         license=license,
@@ -95,18 +112,60 @@ def write_model_card(folder, config: XComposerConfig, repo_id: str | None = None
         f.write(card)
 
 
-def finish_model_folder(folder, config: XComposerConfig, processor=None, **card) -> None:
-    """Everything but the weights: config (+ code), generation config, processor and tokenizer, model card."""
-    config.save_pretrained(folder)  # also copies the code files
+def write_folder_files(folder, config: XComposerConfig, processor=None, **card) -> None:
+    """Everything but the weights: config and code, generation config, processor, tokenizer and chat template,
+    model card (`card` holds write_model_card's keywords). Without a processor (a source with no tokenizer),
+    the image processor alone."""
+    config.save_pretrained(folder)
     write_generation_config(folder, config)
     if processor is not None:
         processor.save_pretrained(folder)
-        copy_code_files(folder)  # the processor's save may rewrite auto_map-named modules; keep ours
+    # Its own file too: transformers 4.x reads the image processor from preprocessor_config.json.
+    image_processor = processor.image_processor if processor is not None else XComposerImageProcessor.for_model(config)
+    image_processor.save_pretrained(folder)
+    copy_code_files(folder)  # last: the saves above copy the modules their classes came from
     write_model_card(folder, config, **card)
 
 
+@contextlib.contextmanager
+def staged_folder(dst, replace: bool = False):
+    """Yields a temporary folder beside `dst` that becomes `dst` only if the block completes; on any failure
+    (Ctrl-C included) it is removed and a previous `dst` is left as it was. An existing `dst` is replaced only
+    with `replace`, else FileExistsError."""
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not replace:
+        raise FileExistsError(f"{dst} already exists")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        yield tmp
+        if os.path.lexists(dst):
+            old = tmp + ".old"
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None and not os.path.lexists(dst):
+            os.replace(old, dst)  # put the previous folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+def save_model_folder(model, processor, folder, replace: bool = True, **card) -> None:
+    """A complete folder from a model in memory (finetune.py, the recipe): safetensors weights, config and code,
+    processor, tokenizer, chat template, generation config and model card, staged so that it appears complete
+    or not at all."""
+    card.setdefault("parameters", sum(p.numel() for p in model.parameters()))
+    with staged_folder(folder, replace=replace) as tmp:
+        model.save_pretrained(tmp)
+        write_folder_files(tmp, model.config, processor, **card)
+
+
 def check_model_folder(folder) -> list[str]:
-    """Problems that would stop the folder from loading elsewhere; empty when complete."""
+    """Problems that would stop the folder from loading elsewhere, or from being shared; empty when complete."""
     if not os.path.isdir(folder):
         return [f"{folder} is not a folder"]
     problems = [f"missing {name}" for name in FOLDER_FILES if not os.path.isfile(os.path.join(folder, name))]

@@ -6,6 +6,8 @@ Partial LoRA, then the pretrained base class and the causal-LM wrapper.
 """
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +31,6 @@ try:  # as remote code, inside transformers' dynamic package
         XComposerTextConfig,
         XComposerVisionConfig,
     )
-    from .model_folder import write_model_card
     from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 except ImportError:  # from a checkout: scripts and tests import the flat modules directly
     from build_mlp import build_vision_projector
@@ -39,7 +40,6 @@ except ImportError:  # from a checkout: scripts and tests import the flat module
         XComposerTextConfig,
         XComposerVisionConfig,
     )
-    from model_folder import write_model_card
     from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
 
 
@@ -413,6 +413,10 @@ class XComposerCausalLMOutput(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
+
+
 class XComposerPreTrainedModel(PreTrainedModel):
     config_class = XComposerConfig
     config: XComposerConfig
@@ -432,12 +436,30 @@ class XComposerPreTrainedModel(PreTrainedModel):
             if sub is not None and sub._attn_implementation is None:
                 sub._attn_implementation = config._attn_implementation
 
-    def save_pretrained(self, save_directory, *args, max_shard_size="5GB", **kwargs):
-        """As transformers', with Hub-friendly 5 GB shards; config.save_pretrained copies the code files, and a
-        model card is written unless the folder has one. processor.save_pretrained adds the tokenizer."""
-        result = super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size, **kwargs)
-        if not os.path.isfile(os.path.join(save_directory, "README.md")):
-            write_model_card(save_directory, self.config, parameters=self.num_parameters())
+    def save_pretrained(self, save_directory, *args, max_shard_size="5GB", is_main_process=True, **kwargs):
+        """transformers' save_pretrained (which copies this module and those it imports) with Hub-sized shards,
+        staged: the files are written to a temporary folder beside `save_directory` and moved in only when all of
+        them are written, weights first and config.json last, so a failed save never leaves a folder that
+        looks loadable. Weight files of an earlier save that this one did not write are removed, as
+        transformers does."""
+        if not is_main_process:
+            return super().save_pretrained(save_directory, *args, max_shard_size=max_shard_size,
+                                           is_main_process=False, **kwargs)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        save_directory = os.path.abspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
+        try:
+            result = super().save_pretrained(staging, *args, max_shard_size=max_shard_size, **kwargs)
+            names = os.listdir(staging)
+            for name in sorted(names, key=lambda name: name == "config.json"):
+                if name == "config.json":
+                    for stale in set(filter(_is_weight_file, os.listdir(save_directory))) - set(names):
+                        os.remove(os.path.join(save_directory, stale))
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return result
 
     def _init_weights(self, module):
@@ -464,7 +486,7 @@ class XComposerModel(XComposerPreTrainedModel):
     def __init__(self, config: XComposerConfig):
         super().__init__(config)
         self.vision_tower = VisionTransformer(config.vision_config)
-        if config.is_v1:
+        if config.connector == "perceive_sampler":
             self.perceive_sampler = PerceiveSampler(config)
         else:
             self.vision_proj = build_vision_projector(config)
@@ -484,7 +506,7 @@ class XComposerModel(XComposerPreTrainedModel):
             raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), "
                              f"got {tuple(pixel_values.shape)}")
         image_embeds = self.vision_tower(pixel_values)
-        if self.config.is_v1:
+        if self.config.connector == "perceive_sampler":
             return self.perceive_sampler(image_embeds)
         return self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
 
@@ -612,6 +634,10 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep]
         logits = self.output(hidden)
+        if self.config.image_token_id < logits.shape[-1]:
+            # The image id is a row of resized embeddings: it marks positions and is never a prediction.
+            logits = logits.index_fill(-1, logits.new_tensor([self.config.image_token_id], dtype=torch.long),
+                                       torch.finfo(logits.dtype).min)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
@@ -657,3 +683,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             new_tokens.pop()
         response = tokenizer.decode(new_tokens, skip_special_tokens=True)
         return response, [*history, (query, response, images)]
+
+
+XComposerModel.register_for_auto_class("AutoModel")
+XComposerForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -7,7 +7,6 @@ style, and tokenizes the text between placeholders separately, BOS only at the s
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -168,6 +167,10 @@ class XComposerImageProcessor(BaseImageProcessor):
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
 
+    @classmethod
+    def for_model(cls, config) -> "XComposerImageProcessor":
+        return cls(image_size=config.vision_config.image_size)
+
     def preprocess(self, images, image_size: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}; XComposerImageProcessor takes image_size")
@@ -215,7 +218,7 @@ class XComposerProcessor(ProcessorMixin):
     def for_model(cls, config, tokenizer) -> "XComposerProcessor":
         """The processor that matches a model config: its image size, image tokens and chat format."""
         return cls(
-            image_processor=XComposerImageProcessor(image_size=config.vision_config.image_size),
+            image_processor=XComposerImageProcessor.for_model(config),
             tokenizer=tokenizer,
             num_image_tokens=config.num_image_tokens,
             image_token_id=config.image_token_id,

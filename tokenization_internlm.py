@@ -22,9 +22,6 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 class InternLMTokenizer(SentencePieceBackend):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
-    # Written into tokenizer_config.json by save_pretrained, so AutoTokenizer (trust_remote_code) finds
-    # this flat module next to tokenizer.model; there is no fast (tokenizers) variant.
-    _auto_map = {"AutoTokenizer": ["tokenization_internlm.InternLMTokenizer", None]}
 
     def __init__(
         self,
@@ -101,3 +98,7 @@ def _check_sp_model(vocab_file, name_or_path=None):
         spm.SentencePieceProcessor(model_file=vocab_file)  # a few ms even for the 92k-piece model
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{vocab_file!r} is not a readable sentencepiece model: {e}") from e
+
+
+# There is no fast (tokenizers) variant: AutoTokenizer maps to this class alone.
+InternLMTokenizer.register_for_auto_class("AutoTokenizer")

@@ -325,7 +325,7 @@ def part_of(name: str) -> str:
 def apply_freezing(model, recipe: StagePreset) -> dict[str, int]:
     """Train exactly the parts the recipe trains (v1's image flags always frozen); returns the number of
     trainable parameters per part. Raises if the model does not fit the stage."""
-    version = 1 if model.config.is_v1 else 2
+    version = 1 if model.config.connector == "perceive_sampler" else 2
     if recipe.version not in (None, version):
         raise ValueError(f"stage {recipe.name!r} is for XComposer v{recipe.version} models; this one is v{version}")
     counts = dict.fromkeys(PARTS, 0)

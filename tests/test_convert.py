@@ -23,7 +23,8 @@ from upstream_reference import (
 )
 
 import convert_checkpoint as cc
-from configuration_xcomposer import AUTO_MAP, CODE_FILES, XComposerConfig
+from configuration_xcomposer import AUTO_MAP, XComposerConfig
+from model_folder import CODE_FILES
 from modeling_xcomposer import XComposerForCausalLM
 from processing_xcomposer import CHAT_TEMPLATE_V1, CHAT_TEMPLATE_V2
 from tokenization_internlm import InternLMTokenizer
@@ -266,7 +267,7 @@ def test_full_size_presets_map_to_the_documented_upstream_shapes(preset):
     """At 7B, planned on the meta device: our layout -> upstream's -> the same configuration back."""
     config = XComposerConfig.from_preset(preset)
     view = cc.ExportView(ShapesOnly(cc.expected_shapes(config)), config, lora_rank=256)
-    version = 1 if config.is_v1 else 2
+    version = 1 if config.connector == "perceive_sampler" else 2
     upstream = cc.upstream_config(view.config, torch.bfloat16, 256)
     shapes, _ = cc.plan([(view, cc.upstream_rules(version, upstream, view.config).inverse())])
     back = cc.derive_config(version, upstream, ShapesOnly(shapes).specs)

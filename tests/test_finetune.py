@@ -18,7 +18,7 @@ from tokenization_internlm import InternLMTokenizer
 
 
 def make_processor(model):
-    version = 1 if model.config.is_v1 else 2
+    version = 1 if model.config.connector == "perceive_sampler" else 2
     return XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(version)))
 
 

@@ -250,8 +250,8 @@ def test_invalid_text_config_is_rejected():
 
     with pytest.raises(ValueError, match="num_key_value_heads"):
         XComposerConfig(text_config=dict(num_attention_heads=32, num_key_value_heads=5))
-    with pytest.raises(ValueError, match="never generate"):
-        XComposerConfig(text_config=dict(vocab_size=100), image_token_id=50)
+    with pytest.raises(ValueError, match="image_token_id must be a non-negative integer"):
+        XComposerConfig(text_config=dict(vocab_size=100), image_token_id=-1)
 
 
 def test_image_count_mismatch_is_a_clear_error(version):

@@ -328,7 +328,7 @@ def test_zero_weight_source_is_never_drawn_and_bad_weights_fail():
 
 
 def processor_for(model):
-    version = 1 if model.config.is_v1 else 2
+    version = 1 if model.config.connector == "perceive_sampler" else 2
     return XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(version)))
 
 

@@ -1,1 +1,0 @@
-../model_folder.py
