@@ -335,9 +335,9 @@ def _pos_embed_fix(unbatched: bool, grid: int | None = None) -> Fix:
 def clip_table(prefix: str) -> dict:
     layer, block = f"{prefix}encoder.layers.{{}}", f"{VT}.blocks.{{}}"
     table = {
-        f"{prefix}embeddings.class_embedding": f"{VT}.cls_token",
-        f"{prefix}embeddings.patch_embedding.weight": f"{VT}.patch_embed.weight",
-        f"{prefix}embeddings.position_embedding.weight": f"{VT}.pos_embed",
+        f"{prefix}embeddings.class_embedding": f"{VT}.embeddings.cls_token",
+        f"{prefix}embeddings.patch_embedding.weight": f"{VT}.embeddings.patch_embed.weight",
+        f"{prefix}embeddings.position_embedding.weight": f"{VT}.embeddings.pos_embed",
         f"{prefix}embeddings.position_ids": None,
         f"{prefix}post_layernorm.weight": None,  # XComposer2 uses the last layer before post_layernorm
         f"{prefix}post_layernorm.bias": None,
@@ -352,8 +352,8 @@ def clip_table(prefix: str) -> dict:
 
 
 def clip_fixes(grid: int | None = None) -> dict:
-    return {f"{VT}.cls_token": Fix(lambda p: p[""].reshape(1, 1, -1), lambda t: {"": t.reshape(-1)}),
-            f"{VT}.pos_embed": _pos_embed_fix(True, grid),
+    return {f"{VT}.embeddings.cls_token": Fix(lambda p: p[""].reshape(1, 1, -1), lambda t: {"": t.reshape(-1)}),
+            f"{VT}.embeddings.pos_embed": _pos_embed_fix(True, grid),
             f"{VT}.blocks.{{}}.attn.qkv.weight": _concat("qkv"), f"{VT}.blocks.{{}}.attn.qkv.bias": _concat("qkv")}
 
 
@@ -394,12 +394,12 @@ LN_VISION = _wb([("ln_vision", f"{VT}.post_norm")])  # BLIP-2's LayerNorm after 
 def eva_table(prefix: str) -> dict:
     src, block = f"{prefix}blocks.{{}}", f"{VT}.blocks.{{}}"
     return {
-        f"{prefix}cls_token": f"{VT}.cls_token",
-        f"{prefix}pos_embed": f"{VT}.pos_embed",
+        f"{prefix}cls_token": f"{VT}.embeddings.cls_token",
+        f"{prefix}pos_embed": f"{VT}.embeddings.pos_embed",
         f"{src}.attn.qkv.weight": f"{block}.attn.qkv.weight",
         f"{src}.attn.q_bias": f"{block}.attn.q_bias",  # EVA's qkv bias is [q_bias, 0, v_bias]
         f"{src}.attn.v_bias": f"{block}.attn.v_bias",
-        **_wb([(f"{prefix}patch_embed.proj", f"{VT}.patch_embed"), (f"{src}.norm1", f"{block}.norm1"),
+        **_wb([(f"{prefix}patch_embed.proj", f"{VT}.embeddings.patch_embed"), (f"{src}.norm1", f"{block}.norm1"),
                (f"{src}.attn.proj", f"{block}.attn.proj"), (f"{src}.norm2", f"{block}.norm2"),
                (f"{src}.mlp.fc1", f"{block}.mlp.fc1"), (f"{src}.mlp.fc2", f"{block}.mlp.fc2")]),
         **LN_VISION,
@@ -491,7 +491,7 @@ def v1_rules(cfg: dict, eva_prefix="visual_encoder.", llm_prefix="internlm_model
              ignore=()) -> Rules:
     projs, scaling, rank = _v1_lora(cfg)
     table = {**eva_table(eva_prefix), **qformer_table(), **internlm_table(llm_prefix, projs), **(extra or {})}
-    fixes = {f"{VT}.pos_embed": _pos_embed_fix(False, grid), **internlm_fixes(projs, scaling, rank)}
+    fixes = {f"{VT}.embeddings.pos_embed": _pos_embed_fix(False, grid), **internlm_fixes(projs, scaling, rank)}
     return Rules(table, fixes, ignore)
 
 
@@ -980,7 +980,7 @@ def convert_components(dst: str, llm: str, vision: str | None = None, eva: str |
         config = _make_config(connector="perceive_sampler", vision_config=eva_config,
                               qformer_config=_qformer(qformer_checkpoint.specs), text_config=text)
         grid = config.vision_config.image_size // config.vision_config.patch_size
-        sources += [(eva_checkpoint, Rules(eva_table(eva_prefix), {f"{VT}.pos_embed": _pos_embed_fix(False, grid)})),
+        sources += [(eva_checkpoint, Rules(eva_table(eva_prefix), {f"{VT}.embeddings.pos_embed": _pos_embed_fix(False, grid)})),
                     (qformer_checkpoint, Rules({**qformer_table(), **LN_VISION, **BLIP2_UNUSED},
                                                ignore=BLIP2_IGNORED))]
         fresh_ok += [f"{PS}.internlm_proj.*", f"{PS}.flag_image_*", f"{VT}.post_norm.*"]

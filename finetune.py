@@ -673,7 +673,7 @@ def run_tiny_synthetic(out_dir: str, **overrides) -> dict:
     # table instead of tiny random values (with those, left/right stayed at chance while colour was perfect).
     vision = config.vision_config
     with torch.no_grad():
-        model.model.vision_tower.pos_embed.copy_(
+        model.model.vision_tower.embeddings.pos_embed.copy_(
             sincos_position_table(vision.image_size // vision.patch_size, vision.hidden_size))
     processor = XComposerProcessor.for_model(config, tokenizer)
     set_trainable(model, train_vision_tower=True, train_connector=True, train_llm=True, train_plora=True)

@@ -84,8 +84,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.eva else self.qkv.bias
-        qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x)  # through the module, so adapters (PEFT) and offload hooks on it take effect
+        if self.eva:
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
         out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
         return self.proj(out.reshape(batch, length, -1))
@@ -115,6 +117,23 @@ class VisionBlock(GradientCheckpointingLayer):
         return x + self.mlp(self.norm2(x))
 
 
+class VisionEmbeddings(nn.Module):
+    """Patch embedding, CLS token and learned position table: (N, 3, S, S) -> (N, 1 + num_patches, width).
+    One leaf module, so device maps and offloading place these parameters with the code that reads them."""
+
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__()
+        width = config.hidden_size
+        self.patch_embed = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size,
+                                     bias=config.variant == "eva")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, width))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+
 class VisionTransformer(nn.Module):
     """CLIP ViT-L/14 (v2) or EVA-CLIP ViT-g (v1): one pre-LN ViT, the variant sets the details.
     Returns the last block's tokens, CLS first: (N, 1 + num_patches, width)."""
@@ -123,17 +142,14 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         width, clip = config.hidden_size, config.variant == "clip"
-        self.patch_embed = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=not clip)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, width))
+        self.embeddings = VisionEmbeddings(config)
         self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if clip else None  # CLIP's pre_layrnorm
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.num_hidden_layers))
         # EVA is followed by BLIP-2's ln_vision; CLIP's post_layernorm is unused by XComposer2.
         self.post_norm = None if clip else nn.LayerNorm(width, eps=config.final_layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embeddings(pixel_values)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for block in self.blocks:
@@ -146,7 +162,9 @@ class VisionTransformer(nn.Module):
         as XComposer2 does to run CLIP-336 at 490 px (and at 224 px for composition fine-tuning)."""
         if image_size % self.config.patch_size:
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({self.config.patch_size})")
-        self.pos_embed = nn.Parameter(interpolate_pos_embed(self.pos_embed.data, image_size // self.config.patch_size))
+        embeddings = self.embeddings
+        embeddings.pos_embed = nn.Parameter(interpolate_pos_embed(embeddings.pos_embed.data,
+                                                                  image_size // self.config.patch_size))
         self.config.image_size = image_size
 
 
@@ -240,6 +258,20 @@ class PerceiveSampler(nn.Module):
 # --------------------------------------------------------------------------- decoder
 
 
+class LoRAFactor(nn.Module):
+    """One factor (A or B) of a low-rank update: a bias-free linear map that is deliberately not an nn.Linear,
+    so PEFT's `target_modules="all-linear"` adapts the PartialLoRALinear around it, never the factor itself."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.zero_init = zero_init  # B starts at zero, so a fresh adapter adds nothing
+        nn.init.zeros_(self.weight) if zero_init else nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class PartialLoRALinear(nn.Linear):
     """A linear layer with a low-rank term `scaling * B(A(x))`.
 
@@ -252,9 +284,8 @@ class PartialLoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.rank, self.all_rows = rank, all_rows
         if rank:
-            self.A = nn.Linear(in_features, rank, bias=False)
-            self.B = nn.Linear(rank, out_features, bias=False)
-            self.B.zero_init = True  # a fresh adapter starts as the identity
+            self.A = LoRAFactor(in_features, rank)
+            self.B = LoRAFactor(rank, out_features, zero_init=True)
             self.scaling = alpha / rank
             self.lora_dropout = nn.Dropout(dropout)
 
@@ -422,7 +453,8 @@ class XComposerPreTrainedModel(PreTrainedModel):
     config: XComposerConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer", "VisionBlock", "QFormerLayer"]
+    # PerceiveSampler whole: its learned queries and flags are parameters of the module that reads them.
+    _no_split_modules = ["DecoderLayer", "VisionBlock", "PerceiveSampler"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -467,9 +499,9 @@ class XComposerPreTrainedModel(PreTrainedModel):
         std = self.config.get_text_config().initializer_range
         if isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
-            init.zeros_(module.weight)  # on B itself: transformers initialises children before their parent
-        elif isinstance(module, VisionTransformer):
+        elif isinstance(module, LoRAFactor):
+            init.zeros_(module.weight) if module.zero_init else init.normal_(module.weight, std=std)
+        elif isinstance(module, VisionEmbeddings):
             init.normal_(module.cls_token, std=std)
             init.normal_(module.pos_embed, std=std)
         elif isinstance(module, VisionAttention) and module.eva:

@@ -539,9 +539,9 @@ def set_image_size(model, processor=None, image_size: int | None = None) -> None
     if image_size is None or image_size == model.config.vision_config.image_size:
         return
     tower = model.model.vision_tower
-    requires_grad = tower.pos_embed.requires_grad
+    requires_grad = tower.embeddings.pos_embed.requires_grad
     tower.resize_position_embeddings(image_size)
-    tower.pos_embed.requires_grad_(requires_grad)
+    tower.embeddings.pos_embed.requires_grad_(requires_grad)
     model.config.vision_config.image_size = image_size
     if processor is not None:
         processor.image_processor.image_size = image_size

@@ -523,7 +523,7 @@ def test_components_v2_fresh_model_keeps_llm_and_clip_numerics(tmp_path):
     table = position_table(clip).detach()
     grid = F.interpolate(table[1:].reshape(1, 2, 2, 64).permute(0, 3, 1, 2), size=(3, 3), mode="bicubic",
                          align_corners=False).permute(0, 2, 3, 1).reshape(9, 64)
-    torch.testing.assert_close(model.model.vision_tower.pos_embed[0], torch.cat([table[:1], grid]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.model.vision_tower.embeddings.pos_embed[0], torch.cat([table[:1], grid]), rtol=0, atol=1e-6)
     # Fresh parts come from our model's init: PLoRA B zero (identity at start), A and the projector random.
     state = model.state_dict()
     b = [v for k, v in state.items() if k.endswith(".B.weight")]

@@ -115,13 +115,13 @@ def test_left_padded_batch_matches_each_prompt_alone(version):
     for p, px in zip(prompts, images + [None]):
         ids = torch.tensor([p])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px,
-                             max_new_tokens=6, do_sample=False)
+                             max_new_tokens=6, min_new_tokens=6, do_sample=False)
         singles.append(out[0, len(p):].tolist())
     width = max(map(len, prompts))
     ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(images),
-                           max_new_tokens=6, do_sample=False)
+                           max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert batch[:, width:].tolist() == singles
 
 

@@ -338,8 +338,8 @@ def test_new_image_size_runs_and_sets_the_image_token_count(version, tokens_afte
     processor = processor_for(model)
     tr.apply_freezing(model, tr.StagePreset("frozen vision", "", "", train_vision_tower=False, train_lora=False))
     tr.set_image_size(model, processor, 56)  # 28 px -> 56 px: a 2x2 patch grid becomes 4x4
-    assert model.model.vision_tower.pos_embed.shape[1] == 1 + 16
-    assert not model.model.vision_tower.pos_embed.requires_grad
+    assert model.model.vision_tower.embeddings.pos_embed.shape[1] == 1 + 16
+    assert not model.model.vision_tower.embeddings.pos_embed.requires_grad
     assert model.config.num_image_tokens == processor.num_image_tokens == tokens_after
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     inputs = processor(text="<ImageHere>What is it?", images=[picture])
