@@ -402,29 +402,14 @@ class Composer:
         messages = [{"role": "system", "content": ""}, {"role": "user", "content": content}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
         images = list(images)
-        inputs = self.processor(text=prompt, images=images or None)
-        length = inputs["input_ids"].shape[1]
-        room = self.model.config.text_config.max_position_embeddings - length
-        answer = ""
-        if room <= 0:
-            _warn(f"{step}: the prompt is {length} tokens, longer than the model's context; skipping the call")
-        else:
-            inputs = inputs.to(self.model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            tokenizer = self.processor.tokenizer
-            eos = self.processor.stop_token_ids
-            kwargs = {"do_sample": False, **self.generation_kwargs}
-            # Embedding rows past the tokenizer's pieces (v1 pads 103168 to 103170) cannot be decoded.
-            unused = range(len(tokenizer), self.model.config.text_config.vocab_size)
-            if len(unused):
-                kwargs.setdefault("suppress_tokens", list(unused))
-            output = self.model.generate(**inputs, max_new_tokens=min(max_new_tokens, room), streamer=streamer,
-                                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **kwargs)
-            new_tokens = output[0, length:].tolist()
-            while new_tokens and new_tokens[-1] in eos:
-                new_tokens.pop()
-            answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        try:
+            answer = self.model.reply(self.processor, prompt, images, streamer=streamer, max_new_tokens=max_new_tokens,
+                                      **{"do_sample": False, **self.generation_kwargs})
+        except ValueError as error:  # a prompt longer than the context: this step is skipped, the article goes on
+            if not str(error).startswith("prompt too long"):
+                raise
+            _warn(f"{step}: {error}; skipping the call")
+            answer = ""
         self.transcript.append(Exchange(step, prompt, images, answer))
         return answer
 

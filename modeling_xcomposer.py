@@ -700,21 +700,36 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         messages.append({"role": "user", "content": query})
         all_images += images
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=prompt, images=all_images or None,
-                           max_length=self.config.text_config.max_position_embeddings).to(self.device)
+        response = self.reply(processor, prompt, all_images, streamer=streamer, max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, **generate_kwargs)
+        return response, [*history, (query, response, images)]
+
+    @torch.no_grad()
+    def reply(self, processor, prompt: str, images=(), streamer=None, max_new_tokens: int = 1024,
+              **generate_kwargs) -> str:
+        """The model's continuation of one rendered prompt (chat format and any prefill included), decoded
+        without its stop pieces: the reply loop that `chat` and interleaved composition share. Generation stops
+        at the processor's stop ids and within the model's context."""
+        inputs = processor(text=prompt, images=list(images) or None).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        tokenizer = processor.tokenizer
-        eos = processor.stop_token_ids
-        room = self.config.text_config.max_position_embeddings - inputs["input_ids"].shape[1]
+        tokenizer, stop = processor.tokenizer, processor.stop_token_ids
+        length = inputs["input_ids"].shape[1]
+        room = self.config.text_config.max_position_embeddings - length
+        if room <= 0:
+            raise ValueError(f"prompt too long: {length} tokens leave no room to reply within the model's "
+                             f"maximum length of {self.config.text_config.max_position_embeddings}")
+        # Embedding rows past the tokenizer's pieces (v1 pads its vocabulary) cannot be decoded: never emit them.
+        unused = range(len(tokenizer), self.config.text_config.vocab_size)
+        if len(unused):
+            generate_kwargs.setdefault("suppress_tokens", list(unused))
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         output = self.generate(**inputs, streamer=streamer, max_new_tokens=min(max_new_tokens, room),
-                               do_sample=do_sample,
-                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-        new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
-        while new_tokens and new_tokens[-1] in eos:
+                               eos_token_id=stop, **generate_kwargs)
+        new_tokens = output[0, length:].tolist()
+        while new_tokens and new_tokens[-1] in stop:
             new_tokens.pop()
-        response = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return response, [*history, (query, response, images)]
+        return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
 XComposerModel.register_for_auto_class("AutoModel")
