@@ -21,7 +21,7 @@ from processing_xcomposer import XComposerImageProcessor
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The flat remote-code modules a folder needs beside its weights.
 CODE_FILES = ("configuration_xcomposer.py", "modeling_xcomposer.py", "build_mlp.py", "tokenization_internlm.py",
-              "processing_xcomposer.py")
+              "processing_xcomposer.py", "transformers_compat.py")
 FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                 "processor_config.json", "chat_template.jinja", "README.md", *CODE_FILES)
 

@@ -1,8 +1,9 @@
-"""InternLM-XComposer (v1) and InternLM-XComposer2 (v2) for transformers 5.
+"""InternLM-XComposer (v1) and InternLM-XComposer2 (v2), for every transformers release from 4.45 to 5.24.
 
 Laid out in the papers' figure order: vision tower (CLIP ViT-L / EVA-CLIP ViT-g), connectors
 (the v2 MLP projector from build_mlp.py, the v1 PerceiveSampler), the InternLM(2) decoder with
-Partial LoRA, then the pretrained base class and the causal-LM wrapper.
+Partial LoRA, then the pretrained base class and the causal-LM wrapper. What differs between transformers
+releases lives in transformers_compat.py.
 """
 
 import os
@@ -15,13 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, ProcessorMixin
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # as remote code, inside transformers' dynamic package
     from .build_mlp import build_vision_projector
@@ -32,6 +29,14 @@ try:  # as remote code, inside transformers' dynamic package
         XComposerVisionConfig,
     )
     from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
+    from .transformers_compat import (
+        CACHE_FIELD,
+        GradientCheckpointingLayer,
+        init,
+        registered_attention,
+        return_dict_default,
+        static_cache_length,
+    )
 except ImportError:  # from a checkout: scripts and tests import the flat modules directly
     from build_mlp import build_vision_projector
     from configuration_xcomposer import (
@@ -41,6 +46,14 @@ except ImportError:  # from a checkout: scripts and tests import the flat module
         XComposerVisionConfig,
     )
     from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
+    from transformers_compat import (
+        CACHE_FIELD,
+        GradientCheckpointingLayer,
+        init,
+        registered_attention,
+        return_dict_default,
+        static_cache_length,
+    )
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -57,8 +70,40 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """torch's fused attention; without a mask it is causal exactly when the module is (decoder, not ViT)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    is_causal = attention_mask is None and module.is_causal and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, is_causal=is_causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def attention_interface(config) -> Callable:
-    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+    """The kernel `config._attn_implementation` names: ours for eager and SDPA (the same on every release),
+    transformers' registry for the rest (FlashAttention, flex attention, kernels users register)."""
+    name = config._attn_implementation
+    if name in (None, "eager"):
+        return eager_attention_forward
+    if name == "sdpa":
+        return sdpa_attention_forward
+    return registered_attention(name)
+
+
+def causal_lm_loss(logits, labels, image_token_id: int, input_ids=None, ignore_index: int = -100,
+                   num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32. Image positions are never targets: neither labels holding the image id
+    (e.g. labels=input_ids) nor the positions input_ids marks as image. With `num_items_in_batch` (the Trainer's
+    count over gradient-accumulation steps) the sum is divided by it instead of averaging."""
+    labels = labels.masked_fill(labels == image_token_id, ignore_index)
+    if input_ids is not None and input_ids.shape == labels.shape:
+        labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 # --------------------------------------------------------------------------- vision tower
@@ -347,6 +392,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def causal_mask(attention_mask, query_length: int, past_length: int, key_length: int, device) -> torch.Tensor:
+    """Boolean (B or 1, 1, Q, K) mask, True where a query may attend: keys at or before its position, and not
+    padding (`attention_mask`, (B, <= K), 1 for real tokens, or None). A padded position still attends to
+    itself, so no row is empty (SDPA returns NaN for an empty row, which would then reach real tokens)."""
+    query_pos = torch.arange(past_length, past_length + query_length, device=device)[:, None]  # (Q, 1)
+    key_pos = torch.arange(key_length, device=device)[None, :]  # (1, K)
+    allowed = (key_pos <= query_pos)[None]  # (1, Q, K)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        real = F.pad(real, (0, key_length - real.shape[-1])) if real.shape[-1] < key_length else real[:, -key_length:]
+        allowed = (allowed & real[:, None, :]) | (key_pos == query_pos)[None]
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     """InternLM(2) attention: fused wqkv laid out [Q; K; V] (the converter reorders InternLM2's per-group
     packing and fuses InternLM's q/k/v), rotary, the cache update, then the configured attention kernel."""
@@ -364,7 +423,8 @@ class Attention(nn.Module):
         self.wo = decoder_linear(config, "wo", self.num_heads * self.head_dim, config.hidden_size,
                                  bias=config.attention_bias)
 
-    def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None, **kwargs):
+    def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None,
+                output_attentions=False, **kwargs):
         batch, length, _ = x.shape
         q, k, v = self.wqkv(x, image_rows).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
@@ -376,9 +436,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         dropout = self.config.attention_dropout if self.training else 0.0
-        out, _ = attention_interface(self.config)(
-            self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
-        return self.wo(out.reshape(batch, length, -1), image_rows)
+        attend = eager_attention_forward if output_attentions else attention_interface(self.config)
+        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
+        return self.wo(out.reshape(batch, length, -1), image_rows), weights
 
 
 class FeedForward(nn.Module):
@@ -402,33 +462,66 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None, **kwargs):
-        x = x + self.attention(self.attention_norm(x), position_embeddings, attention_mask, cache, image_rows, **kwargs)
-        return x + self.feed_forward(self.ffn_norm(x), image_rows)
+        attended, weights = self.attention(self.attention_norm(x), position_embeddings, attention_mask, cache,
+                                           image_rows, **kwargs)
+        x = x + attended
+        return x + self.feed_forward(self.ffn_norm(x), image_rows), weights
+
+
+class TokenEmbedding(nn.Embedding):
+    """The decoder's token table. Image ids are looked up as row 0, since image features replace those rows,
+    so `get_input_embeddings()(input_ids)` works on prompts with images whether the image id lies past the
+    table (the default) or inside a resized one."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, image_token_id: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids.masked_fill(input_ids == self.image_token_id, 0))
 
 
 class InternLMDecoder(nn.Module):
-    """InternLM2 (v2) or InternLM (v1) without its LM head; names as InternLM2's."""
+    """InternLM2 (v2) or InternLM (v1) without its LM head; names as InternLM2's. Builds the mask and the rotary
+    tables once per forward for all layers."""
 
-    def __init__(self, config: XComposerTextConfig):
+    def __init__(self, config: XComposerTextConfig, image_token_id: int):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tok_embeddings = TokenEmbedding(config.vocab_size, config.hidden_size, image_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, cache, image_rows, output_hidden_states=False,
-                **kwargs):
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids)
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_length, cache, image_rows,
+                output_attentions=False, output_hidden_states=False, **kwargs):
+        mask = self._mask(attention_mask, inputs_embeds, past_length, cache, output_attentions)
         position_embeddings = rotary_embedding(self.config, position_ids, inputs_embeds.dtype)
-        x, all_hidden = inputs_embeds, []
+        x, all_hidden, all_attentions = inputs_embeds, (), ()
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden.append(x)
-            x = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
-                      image_rows=image_rows, **kwargs)
+                all_hidden += (x,)
+            x, weights = layer(x, position_embeddings=position_embeddings, attention_mask=mask, cache=cache,
+                               image_rows=image_rows, output_attentions=output_attentions, **kwargs)
+            if output_attentions:
+                all_attentions += (weights,)
         x = self.norm(x)
-        return x, (tuple(all_hidden) + (x,) if output_hidden_states else None)
+        return x, (all_hidden + (x,) if output_hidden_states else None), (all_attentions or None)
+
+    def _mask(self, attention_mask, inputs_embeds, past_length, cache, eager: bool):
+        """What the attention kernel takes: a prebuilt 4-D mask as given (compiled static-cache decoding); the
+        2-D padding mask for kernels of transformers' registry (FlashAttention); else our boolean causal mask,
+        or None where SDPA's own causal flag is exact (no padding, no past, no fixed-length cache)."""
+        if attention_mask is not None and attention_mask.ndim == 4:
+            return attention_mask
+        implementation = "eager" if eager else self.config._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            return attention_mask
+        capacity = static_cache_length(cache) if cache is not None else None
+        length = inputs_embeds.shape[1]
+        if attention_mask is None and implementation == "sdpa" and past_length == 0 and capacity is None:
+            return None
+        return causal_mask(attention_mask, length, past_length, capacity or past_length + length,
+                           inputs_embeds.device)
 
 
 # --------------------------------------------------------------------------- models
@@ -450,22 +543,26 @@ def _is_weight_file(name: str) -> bool:
 
 class XComposerPreTrainedModel(PreTrainedModel):
     config_class = XComposerConfig
-    config: XComposerConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     # PerceiveSampler whole: its learned queries and flags are parameters of the module that reads them.
     _no_split_modules = ["DecoderLayer", "VisionBlock", "PerceiveSampler"]
     _supports_flash_attn = True
+    _supports_flash_attn_2 = True  # the 4.x name of the flag
     _supports_sdpa = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the image splice checks counts on the host
+    _supports_cache_class = True  # 4.x: generate hands us a Cache object
+    _supports_static_cache = True  # 4.x's name for what 5.x reads from _can_compile_fullgraph
+    # Decode steps compile without graph breaks; the prefill checks image counts on the host, once.
+    _can_compile_fullgraph = True
 
     def __init__(self, config: XComposerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         # The towers are plain modules reading their own sub-config: hand down the checked implementation
         # unless the user chose one per sub-config.
         for sub in (config.vision_config, config.qformer_config, config.text_config):
-            if sub is not None and sub._attn_implementation is None:
+            if sub is not None and getattr(sub, "_attn_implementation_internal", None) is None:
                 sub._attn_implementation = config._attn_implementation
 
     def save_pretrained(self, save_directory, *args, max_shard_size="5GB", is_main_process=True, **kwargs):
@@ -495,9 +592,18 @@ class XComposerPreTrainedModel(PreTrainedModel):
         return result
 
     def _init_weights(self, module):
-        super()._init_weights(module)
+        """Every parameter this model has, so a fresh model is the same on every transformers release."""
         std = self.config.get_text_config().initializer_range
-        if isinstance(module, RMSNorm):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, LoRAFactor):
             init.zeros_(module.weight) if module.zero_init else init.normal_(module.weight, std=std)
@@ -522,13 +628,17 @@ class XComposerModel(XComposerPreTrainedModel):
             self.perceive_sampler = PerceiveSampler(config)
         else:
             self.vision_proj = build_vision_projector(config)
-        self.language_model = InternLMDecoder(config.text_config)
+        self.language_model = InternLMDecoder(config.text_config, config.image_token_id)
         self.post_init()
 
     def get_input_embeddings(self):
         return self.language_model.tok_embeddings
 
     def set_input_embeddings(self, value):
+        if not isinstance(value, TokenEmbedding):  # e.g. a table resized by transformers: keep our image-id rule
+            table = TokenEmbedding(value.num_embeddings, value.embedding_dim, self.config.image_token_id)
+            table.to(value.weight.device, value.weight.dtype).weight = value.weight
+            value = table
         self.language_model.tok_embeddings = value
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -552,34 +662,41 @@ class XComposerModel(XComposerPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,  # generate's bookkeeping on 4.x: positions come from the cache
         **kwargs,
-    ) -> XComposerModelOutput:
+    ) -> XComposerModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        config, text_config = self.config, self.config.text_config
         cache = cache if cache is not None else past_key_values
-        text_config = self.config.text_config
-        image_rows = image_features = None
-        if inputs_embeds is None:
-            image_mask = input_ids == self.config.image_token_id
-            inputs_embeds = self.language_model.tok_embeddings(input_ids.masked_fill(image_mask, 0))
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
-                inputs_embeds, image_rows = self._splice_images(inputs_embeds, image_mask, image_features)
-            elif not torch.compiler.is_compiling() and image_mask.any():
-                raise ValueError(f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given")
-        elif pixel_values is not None:
-            raise ValueError("pixel_values cannot be combined with inputs_embeds; splice image features yourself")
-
         if use_cache is None:
             use_cache = text_config.use_cache and not self.training
         if use_cache and cache is None:
-            cache = DynamicCache(config=text_config)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        length = inputs_embeds.shape[1]
-        if not torch.compiler.is_compiling() and past_length + length > text_config.max_position_embeddings:
-            raise ValueError(f"sequence of {past_length + length} tokens exceeds the maximum length "
-                             f"{text_config.max_position_embeddings} (text_config.max_position_embeddings)")
+            cache = DynamicCache()
+        compiling = torch.compiler.is_compiling()
+        past_length = 0
+        if cache is not None and not (compiling and attention_mask is not None and attention_mask.ndim == 4):
+            past_length = cache.get_seq_length()
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if not compiling:
+            self._check_lengths(length, past_length)
+
+        image_rows = image_features = None
+        if inputs_embeds is None:
+            image_mask = input_ids == config.image_token_id
+            inputs_embeds = self.language_model.tok_embeddings(input_ids)
+            if pixel_values is not None or (not compiling and past_length == 0):
+                self._check_prefill(input_ids, image_mask, pixel_values)
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
+                image_rows = image_mask.flatten().nonzero().squeeze(1)  # flat row indices, for Partial LoRA
+        elif pixel_values is not None:
+            raise ValueError("pixel_values cannot be combined with inputs_embeds; splice image features yourself")
+
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -588,22 +705,45 @@ class XComposerModel(XComposerPreTrainedModel):
         if text_config.lora_scope == "all" or not text_config.lora_rank:
             image_rows = None  # plain LoRA (or none) does not look at image rows
 
-        hidden, all_hidden = self.language_model(
-            inputs_embeds, attention_mask, position_ids, cache, image_rows,
-            output_hidden_states=bool(output_hidden_states), **kwargs)
-        return XComposerModelOutput(last_hidden_state=hidden, cache=cache if use_cache else None,
-                                    hidden_states=all_hidden, image_hidden_states=image_features)
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        hidden, all_hidden, all_attentions = self.language_model(
+            inputs_embeds, attention_mask, position_ids, past_length, cache, image_rows,
+            output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states), **kwargs)
+        output = XComposerModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_attentions,
+                                      image_hidden_states=image_features, **{CACHE_FIELD: cache if use_cache else None})
+        return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
-    def _splice_images(self, inputs_embeds, image_mask, image_features):
-        """Scatter image features into the image-token positions (llava style) and return the flat row
-        indices of those positions for Partial LoRA. Checking the count syncs with the host, once per forward."""
-        num_slots, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
-        if num_slots != num_features:
-            raise ValueError(
-                f"input_ids hold {num_slots} image tokens but {image_features.shape[0]} images give {num_features} "
-                f"({self.config.num_image_tokens} per image); use one <ImageHere> per image")
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
-        return inputs_embeds, image_mask.flatten().nonzero().squeeze(1)
+    def _check_lengths(self, length: int, past_length: int) -> None:
+        limit = self.config.text_config.max_position_embeddings
+        if length == 0:
+            raise ValueError("input_ids is empty: a prompt needs at least one token")
+        if past_length + length > limit:
+            raise ValueError(f"sequence of {past_length + length} tokens exceeds the maximum length of {limit} "
+                             f"(text_config.max_position_embeddings)")
+
+    def _check_prefill(self, input_ids, image_mask, pixel_values) -> None:
+        """Once per prompt, in one host sync: token ids inside the vocabulary, finite pixels, and as many image
+        positions as the images give (llava style: the processor expanded one <ImageHere> per image)."""
+        config, vocab = self.config, self.config.text_config.vocab_size
+        text_ids = input_ids.masked_fill(image_mask, 0)
+        checks = [image_mask.sum(), text_ids.min(), text_ids.max()]
+        if pixel_values is not None:
+            checks.append(torch.isfinite(pixel_values).all())
+        num_slots, low, high, *finite = torch.stack([c.to(torch.long) for c in checks]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids hold ids from {low} to {high}, outside the vocabulary 0..{vocab - 1} "
+                             f"(and the image id {config.image_token_id})")
+        if finite and not finite[0]:
+            raise ValueError("pixel_values hold NaN or infinite values")
+        if pixel_values is None:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
+            return
+        num_images, per_image = pixel_values.shape[0], config.num_image_tokens
+        if num_slots != num_images * per_image:
+            raise ValueError(f"input_ids hold {num_slots} image tokens but {num_images} images give "
+                             f"{num_images * per_image} ({per_image} per image); use one <ImageHere> per image")
 
 
 class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
@@ -651,32 +791,66 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
         **kwargs,
-    ) -> XComposerCausalLMOutput:
+    ) -> XComposerCausalLMOutput | tuple:
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states, **kwargs)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        keep = num_logits_to_keep if num_logits_to_keep is not None else logits_to_keep
+        if isinstance(keep, int):
+            hidden = hidden[:, -keep:] if keep else hidden
         else:
-            hidden = hidden[:, logits_to_keep]
+            hidden = hidden[:, keep]
         logits = self.output(hidden)
-        if self.config.image_token_id < logits.shape[-1]:
+        image_id = self.config.image_token_id
+        if image_id < logits.shape[-1]:
             # The image id is a row of resized embeddings: it marks positions and is never a prediction.
-            logits = logits.index_fill(-1, logits.new_tensor([self.config.image_token_id], dtype=torch.long),
-                                       torch.finfo(logits.dtype).min)
+            logits = logits.index_fill(-1, logits.new_tensor([image_id], dtype=torch.long), torch.finfo(logits.dtype).min)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **loss_kwargs)
-        return XComposerCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache,
-                                       hidden_states=outputs.hidden_states,
-                                       image_hidden_states=outputs.image_hidden_states)
+            loss = causal_lm_loss(logits, labels, image_id, input_ids, **loss_kwargs)
+        output = XComposerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states,
+                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+        return output if (return_dict_default(self.config) if return_dict is None else return_dict) else output.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      pixel_values=None, position_ids=None, use_cache=True, cache=None, **kwargs):
+        """One generation step's inputs, the same on every transformers release: the tokens the cache has not
+        seen, the images and inputs_embeds at the prefill only, position ids from the padding mask, and, for a
+        fixed-length (static) cache, a full-width boolean mask so that compiled decode steps see fixed shapes."""
+        cache = cache if cache is not None else past_key_values
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        model_inputs = {}
+        if past_length:
+            input_ids, inputs_embeds, pixel_values = input_ids[:, past_length:], None, None
+        if inputs_embeds is not None:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids
+        length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        device = (inputs_embeds if inputs_embeds is not None else input_ids).device
+        if position_ids is not None:  # 5.x generate tracks them over the whole sequence
+            position_ids = position_ids[:, -length:]
+        elif attention_mask is not None and attention_mask.ndim == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            position_ids = torch.arange(past_length, past_length + length, device=device)[None]
+        capacity = static_cache_length(cache) if cache is not None else None
+        if capacity is not None and (attention_mask is None or attention_mask.ndim == 2):
+            attention_mask = causal_mask(attention_mask, length, past_length, capacity, device)
+        model_inputs.update(attention_mask=attention_mask, position_ids=position_ids, pixel_values=pixel_values,
+                            use_cache=use_cache, **{CACHE_FIELD: cache})
+        kwargs.pop("cache_position", None)
+        return {**kwargs, **model_inputs}
 
     @torch.no_grad()
     def chat(self, processor, query: str, images=None, history=(), system: str | None = None, streamer=None,

@@ -1,0 +1,114 @@
+"""Every difference between the transformers releases this remote code supports, in one place.
+
+The model, config, tokenizer and processor modules read as if there were one transformers; what moved
+between 4.45 and 5.24 is bridged here, by looking for the feature rather than comparing versions where
+possible. When a release leaves the supported range, its branch here is the one thing to delete.
+Importing this module checks the installed release: older than the range is an ImportError that names
+both, newer than the newest tested release is a one-line warning.
+"""
+
+import functools
+import inspect
+import warnings
+
+import torch
+import transformers
+from packaging import version
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+OLDEST, NEWEST_TESTED = "4.45.0", "5.24.0"
+
+_installed = version.parse(transformers.__version__)
+if _installed < version.parse(OLDEST):
+    raise ImportError(f"InternLM-XComposer's remote code supports transformers {OLDEST} to {NEWEST_TESTED}; "
+                      f"transformers {transformers.__version__} is installed. Upgrade it: "
+                      f"pip install 'transformers>={OLDEST}'")
+if _installed.release[:2] > version.parse(NEWEST_TESTED).release[:2]:
+    warnings.warn(f"InternLM-XComposer's remote code is tested with transformers {OLDEST} to {NEWEST_TESTED}; "
+                  f"{transformers.__version__} is newer and untested.", stacklevel=2)
+
+
+# --------------------------------------------------------------------------- modules and initialisation
+
+try:  # 4.52+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    class GradientCheckpointingLayer(nn.Module):
+        """A layer that gradient_checkpointing_enable() can checkpoint: it finds the `gradient_checkpointing`
+        flag and sets `_gradient_checkpointing_func`, as 4.52+'s class of the same name expects."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+try:  # 5.x: these skip tensors that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # 4.x: from_pretrained only initialises what the checkpoint lacks, so torch's own are right
+    class init:  # noqa: N801 - a namespace standing in for the module
+        normal_ = staticmethod(torch.nn.init.normal_)
+        zeros_ = staticmethod(torch.nn.init.zeros_)
+        ones_ = staticmethod(torch.nn.init.ones_)
+
+
+# --------------------------------------------------------------------------- attention kernels
+
+try:  # 4.48+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:
+    ALL_ATTENTION_FUNCTIONS = None
+
+
+def registered_attention(name: str):
+    """A kernel of transformers' attention registry (flash_attention_2/3, flex_attention, user-registered
+    ones), with the registry's signature (module, query, key, value, attention_mask, scaling, dropout).
+    4.45-4.47 have no registry: there FlashAttention-2 is called through its older helper."""
+    if ALL_ATTENTION_FUNCTIONS is not None and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    if ALL_ATTENTION_FUNCTIONS is None and name == "flash_attention_2":
+        return _flash_attention_2_before_registry
+    available = ["eager", "sdpa", *(ALL_ATTENTION_FUNCTIONS.keys() if ALL_ATTENTION_FUNCTIONS is not None else [])]
+    raise ValueError(f"attn_implementation {name!r} is not available with transformers {transformers.__version__}; "
+                     f"choose from {sorted(set(available))}")
+
+
+def _flash_attention_2_before_registry(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    # (B, H, L, d) -> (B, L, H, d); attention_mask is the 2-D padding mask (or None), as the registry's kernel takes
+    out = _flash_attention_forward(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+                                   query.shape[2], is_causal=module.is_causal, dropout=dropout, softmax_scale=scaling)
+    return out, None
+
+
+# --------------------------------------------------------------------------- caches and outputs
+
+# 5.24 renamed the cache in model inputs and outputs from past_key_values to cache.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def static_cache_length(cache) -> int | None:
+    """The fixed key length of a static cache, None for a growing one. The method was get_max_length (4.45),
+    get_max_cache_shape (4.47-5.1x), then get_max_length again (5.20+); since 4.57 it takes a layer index,
+    and 5.20+ without one asks every layer, which fails on a cache that has none yet."""
+    method = _max_length_method(type(cache))
+    length = getattr(cache, method.__name__)(0) if _takes_layer_index(method) else getattr(cache, method.__name__)()
+    return length if isinstance(length, int) and length > 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _max_length_method(cache_class):
+    return getattr(cache_class, "get_max_cache_shape", None) or cache_class.get_max_length
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_layer_index(method) -> bool:
+    return "layer_idx" in inspect.signature(method).parameters
+
+
+def return_dict_default(config) -> bool:
+    """config.use_return_dict (4.x, which also honours torchscript) or config.return_dict (5.x)."""
+    return getattr(config, "use_return_dict", getattr(config, "return_dict", True))
