@@ -194,6 +194,12 @@ class XComposerImageProcessor(BaseImageProcessor):
 class XComposerProcessor(ProcessorMixin):
     """Image processor + tokenizer; expands each `<ImageHere>` into `num_image_tokens` image ids."""
 
+    # How transformers 4.x finds, checks and loads the parts (5.x reads the __init__ signature instead).
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+    valid_kwargs = ["num_image_tokens", "image_token_id", "image_token", "end_of_turn", "chat_template"]
+
     def __init__(
         self,
         image_processor=None,

@@ -1,25 +1,23 @@
 """Sentencepiece tokenizer for InternLM (XComposer v1) and InternLM2 (XComposer2).
 
 Both generations ship a plain sentencepiece `tokenizer.model`: unk 0, bos 1, eos 2, no pad piece
-(pad = eos), BOS added, no EOS. The chat markers (`[UNUSED_TOKEN_146]`/`[UNUSED_TOKEN_145]` in v2,
-`<TOKENS_UNUSED_0>`/`<TOKENS_UNUSED_1>` in v1) are ordinary user-defined pieces: sentencepiece itself
-keeps them whole, so they need no added-token entries and `skip_special_tokens` leaves them alone.
-
-We subclass transformers' SentencePieceBackend (5.x) for loading, vocab and saving, and change only
-what breaks parity with upstream, which encoded and decoded with the sp model directly:
-- decoding: the base class joins pieces and strips spaces, losing leading spaces and byte-fallback
-  characters; we decode runs of ordinary pieces with the sp model instead;
-- BOS/EOS: driven by `add_bos_token`/`add_eos_token`, which the 5.x base classes do not read;
-- a missing or corrupt model file raises a clear error instead of a sentencepiece internal one.
+(pad = eos), BOS added, no EOS. Upstream encoded and decoded with the sp model directly, and so do we:
+a slow tokenizer on `PreTrainedTokenizer`, the base class every transformers release from 4.45 to 5.x
+has, implementing its protocol (vocabulary, `_tokenize`, id <-> piece, pieces -> text, saving).
+- Text between added tokens is encoded by the sp model as is (its own dummy-prefix setting), as upstream.
+- Decoding runs of ordinary pieces through the sp model restores spaces, newlines and byte-fallback
+  characters exactly; added tokens are written verbatim.
+- A missing or corrupt model file is a clear error instead of a sentencepiece internal one.
 """
 
 import os
+import shutil
 
 import sentencepiece as spm
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+from transformers import PreTrainedTokenizer
 
 
-class InternLMTokenizer(SentencePieceBackend):
+class InternLMTokenizer(PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
@@ -36,22 +34,69 @@ class InternLMTokenizer(SentencePieceBackend):
         clean_up_tokenization_spaces=False,
         **kwargs,
     ):
-        _check_sp_model(vocab_file, kwargs.get("name_or_path"))
-        # The 5.x base classes ignore these flags; build_inputs_with_special_tokens below reads them.
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        # legacy=True: encode with the sp model as-is (upstream did), keeping its dummy-prefix setting.
-        kwargs.setdefault("legacy", True)
+        self.vocab_file = vocab_file
+        self.sp_model_kwargs = sp_model_kwargs or {}
+        self.sp_model = _load_sp_model(vocab_file, self.sp_model_kwargs, kwargs.get("name_or_path"))
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        for stale in ("legacy", "backend"):  # written by the 5.x SentencePieceBackend this class once used
+            kwargs.pop(stale, None)
         super().__init__(
-            vocab_file=vocab_file,
             unk_token=unk_token,
             bos_token=bos_token,
             eos_token=eos_token,
             pad_token=eos_token if pad_token is None else pad_token,  # upstream pads with eos
-            sp_model_kwargs=sp_model_kwargs or {},
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            sp_model_kwargs=self.sp_model_kwargs,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,  # cleanup would alter text
             **kwargs,
         )
+        # Some releases' base __init__ resets the flags it knows; ours drive build_inputs_with_special_tokens.
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+
+    def __getstate__(self):  # the sp model does not pickle (DataLoader workers): rebuild it from its bytes
+        state = self.__dict__.copy()
+        state["sp_model"] = self.sp_model.serialized_model_proto()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        proto, self.sp_model = self.sp_model, spm.SentencePieceProcessor(**self.sp_model_kwargs)
+        self.sp_model.load_from_serialized_proto(proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_model.get_piece_size()
+
+    def get_vocab(self) -> dict:
+        vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.sp_model.encode(text, out_type=str)  # added tokens were split off before
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.sp_model.piece_to_id(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if not 0 <= index < self.vocab_size:
+            raise ValueError(f"token id {index} is outside the vocabulary (0..{self.vocab_size - 1}) and is not an "
+                             f"added token")
+        return self.sp_model.id_to_piece(index)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        # Added tokens (<s>, </s>, <unk>, markers) are written verbatim: sentencepiece would decode control pieces
+        # to "" and unknown strings to " ⁇ ". Everything between them is decoded by the sp model.
+        out, run = [], []
+        for token in tokens:
+            if token in self.added_tokens_encoder:
+                out += [self.sp_model.decode(run), token]
+                run = []
+            else:
+                run.append(token)
+        out.append(self.sp_model.decode(run))
+        return "".join(out)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []
@@ -62,42 +107,39 @@ class InternLMTokenizer(SentencePieceBackend):
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
         if already_has_special_tokens:
             special = set(self.all_special_ids)
-            ids = token_ids_0 + (token_ids_1 or [])
-            return [int(i in special) for i in ids]
+            return [int(i in special) for i in token_ids_0 + (token_ids_1 or [])]
         bos, eos = [1] * self.add_bos_token, [1] * self.add_eos_token
         mask = bos + [0] * len(token_ids_0) + eos
         return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
 
-    def convert_tokens_to_string(self, tokens):
-        # Added/special tokens (<s>, </s>, <unk>, user-added ones) are written verbatim: sentencepiece
-        # would decode control pieces to "" and unknown strings to " ⁇ ". Everything between them is
-        # decoded by the sp model, which restores spaces, newlines and byte-fallback characters exactly.
-        out, run = [], []
-        for token in tokens:
-            if token in self._added_tokens_encoder:
-                out += [self.sp_model.decode(run), token]
-                run = []
-            else:
-                run.append(token)
-        out.append(self.sp_model.decode(run))
-        return "".join(out)
+    def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"{save_directory} is not a folder")
+        target = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
+        if self.vocab_file and os.path.isfile(self.vocab_file):
+            if os.path.abspath(self.vocab_file) != os.path.abspath(target):
+                shutil.copyfile(self.vocab_file, target)
+        else:  # loaded from bytes (e.g. unpickled): write the model it holds
+            with open(target, "wb") as f:
+                f.write(self.sp_model.serialized_model_proto())
+        return (target,)
 
 
-def _check_sp_model(vocab_file, name_or_path=None):
-    """Fail early and clearly: the base class would pass None to sentencepiece or surface its parse error.
+def _load_sp_model(vocab_file, sp_model_kwargs, name_or_path=None) -> spm.SentencePieceProcessor:
+    """Fail early and clearly: sentencepiece would take None or surface its own parse error.
 
     ValueError, not OSError: from_pretrained replaces any OSError with a generic "Unable to load vocabulary".
     """
     where = f" in {name_or_path!r}" if name_or_path else ""
     if vocab_file is None or not os.path.isfile(vocab_file):
-        raise ValueError(
-            f"InternLMTokenizer needs the sentencepiece model 'tokenizer.model'{where}; "
-            f"not found (vocab_file={vocab_file!r})"
-        )
+        raise ValueError(f"InternLMTokenizer needs the sentencepiece model 'tokenizer.model'{where}; "
+                         f"not found (vocab_file={vocab_file!r})")
+    model = spm.SentencePieceProcessor(**sp_model_kwargs)
     try:
-        spm.SentencePieceProcessor(model_file=vocab_file)  # a few ms even for the 92k-piece model
+        model.load(vocab_file)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{vocab_file!r} is not a readable sentencepiece model: {e}") from e
+    return model
 
 
 # There is no fast (tokenizers) variant: AutoTokenizer maps to this class alone.
