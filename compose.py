@@ -8,15 +8,19 @@ Edit a saved article (OUT.json) with XComposer2's operations:
     python compose.py MODEL_DIR --from OUT.json --edit rewrite --paragraph 2 --out OUT2
 
 Writes OUT.md (images copied to OUT_files/), OUT.html (self-contained, images as data URIs) and
-OUT.json (the article, reusable with --from). The article streams to stdout, progress to stderr.
+OUT.json (the article, naming the copies in OUT_files/; reusable with --from). The article streams to
+stdout; progress bars go to stderr when it is a terminal (--quiet: none). Unreadable inputs (an --images
+file, a --from article, an --out folder that does not exist) are reported before the model loads.
 """
 
 import argparse
+import os
 import sys
+import warnings
 
 import torch
 
-EDITS = ("expand", "rewrite", "shorten", "insert")
+from composition import EDITS, Article, ClipRetriever, Composer, CompositionWarning, image_problems, progress_bar
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="torch device (default cuda when available, else cpu)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                      help="model dtype (default bfloat16 on cuda, float32 on cpu)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars and no summary line on stderr")
     edit = parser.add_argument_group("editing (XComposer2 operations, applied after composing or to --from)")
     edit.add_argument("--from", dest="from_json", help="edit this saved article (OUT.json) instead of composing")
     edit.add_argument("--edit", choices=EDITS,
@@ -54,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.from_json is None and not args.instruction:
         parser.error("give an instruction, or --from ARTICLE.json to edit a saved article")
+    if args.from_json is not None and (args.instruction or args.pool or args.images):
+        parser.error("--from edits a saved article: give no instruction, --pool or --images with it")
     if args.pool and args.images:
         parser.error("give --pool or --images, not both")
     if args.pool and not args.clip:
@@ -62,11 +69,53 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--edit needs --paragraph N")
     if args.edit == "insert" and not args.outline:
         parser.error("--edit insert needs --outline TEXT")
+    if args.outline and args.edit != "insert":
+        parser.error("--outline goes with --edit insert")
+    if args.material and args.edit != "expand":
+        parser.error("--material goes with --edit expand")
     return args
 
 
-def progress(step: str, done: int, total: int) -> None:
-    print(f"[{step}] {done}/{total}", file=sys.stderr, flush=True)
+def input_problems(args: argparse.Namespace, article: Article | None) -> list[str]:
+    """What would stop the run after the model has loaded, found before it does."""
+    problems = [] if os.path.isdir(args.model_dir) else [f"the model folder {args.model_dir!r} does not exist"]
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        example = os.path.join(args.out, "article")
+        problems.append(f"--out {args.out!r} is a folder; give a base name such as {example!r}")
+    elif not os.path.isdir(folder):
+        problems.append(f"--out {args.out!r}: the folder {folder} does not exist")
+    if args.pool and not os.path.isdir(args.pool):
+        problems.append(f"--pool {args.pool!r} is not a folder")
+    if args.clip and not os.path.isdir(args.clip):
+        problems.append(f"--clip {args.clip!r} is not a folder")
+    problems += image_problems(args.images)
+    if article is not None:
+        problems += image_problems([section.image for section in article.sections if section.image])
+    return problems
+
+
+class StepBars:
+    """Composer's `progress(step, done, total)` as a tqdm bar per step on stderr; none for `write`, whose
+    article streams to stdout."""
+
+    def __init__(self, show: bool | None):
+        self.show, self.step, self.bar = show, None, None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if step == "write":
+            return
+        if step != self.step:
+            self.close()
+            self.step, self.bar = step, progress_bar(self.show, total=total, desc=step, unit="call")
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.step = self.bar = None
 
 
 def load(model_dir: str, device: str, dtype: str | None):
@@ -80,41 +129,77 @@ def load(model_dir: str, device: str, dtype: str | None):
     return model, XComposerProcessor.for_model(model.config, tokenizer)
 
 
+def fail(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from transformers import TextStreamer
+    try:
+        article = Article.load(args.from_json) if args.from_json else None
+    except ValueError as error:
+        return fail([str(error)])
+    if args.edit and article is not None and not 0 <= args.paragraph < len(article.sections):
+        return fail([f"--paragraph {args.paragraph}: the article has {len(article.sections)} paragraphs"])
+    problems = input_problems(args, article)
+    if problems:
+        return fail(problems)
+    from transformers.utils import logging
 
-    from composition import Article, ClipRetriever, Composer
+    show = False if args.quiet else None
+    bars = logging.is_progress_bar_enabled()
+    if args.quiet or not sys.stderr.isatty():  # transformers' loading bars too, on its own switch
+        logging.disable_progress_bar()
+    try:
+        return run(args, article, show)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+
+
+def run(args: argparse.Namespace, article: Article | None, show: bool | None) -> int:
+    """The model calls and the output, once every input has been checked."""
+    from transformers import TextStreamer
 
     torch.manual_seed(args.seed)
     model, processor = load(args.model_dir, args.device, args.dtype)
-    retriever = ClipRetriever(args.clip, args.cache_dir, device=args.device) if args.pool else None
+    retriever = ClipRetriever(args.clip, args.cache_dir, device=args.device, progress=show) if args.pool else None
     sampling = dict(do_sample=True, top_p=0.8, top_k=40, repetition_penalty=1.005) if args.sample else {}
-    composer = Composer(model, processor, retriever, pool_dir=args.pool, top_k=args.top_k, progress=progress,
+    composer = Composer(model, processor, retriever, pool_dir=args.pool, top_k=args.top_k, progress=StepBars(show),
                         generation_kwargs=sampling)
-    if args.from_json:
-        article = Article.from_json(args.from_json)
-    else:
+    if article is None:
         if retriever is not None:
-            print("[index] embedding the image pool", file=sys.stderr, flush=True)
             retriever.index(args.pool)
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         article = composer.compose(args.instruction, args.num_images, args.images, args.max_new_tokens, streamer)
         print(file=sys.stdout, flush=True)
-    if args.edit == "expand":
-        composer.expand(article, args.paragraph, args.material)
-    elif args.edit == "insert":
-        composer.insert(article, args.paragraph, args.outline)
-    elif args.edit:
-        getattr(composer, args.edit)(article, args.paragraph)
-
-    article.to_json(args.out + ".json")
-    md = article.to_markdown(args.out + ".md")
-    page = article.to_html(args.out + ".html")
-    placed = sum(section.image is not None for section in article.sections)
-    print(f"wrote {md} and {page}: {len(article.sections)} paragraphs, {placed} images", file=sys.stderr)
+    unedited = None
+    if args.edit:
+        try:
+            composer.edit(args.edit, article, args.paragraph, material=args.material, outline=args.outline)
+        except IndexError as error:  # only known once the article is written: keep it, unedited
+            unedited = f"--paragraph: {error}; the article is saved without the edit"
+    try:
+        written = article.save(args.out)
+    except OSError as error:
+        return fail([f"cannot write {args.out}.*: {error}"])
+    if unedited:
+        return fail([unedited])
+    if not args.quiet:
+        placed = sum(section.image is not None for section in article.sections)
+        print(f"wrote {', '.join(map(str, written))}: {len(article.sections)} paragraphs, {placed} images",
+              file=sys.stderr)
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, CompositionWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 if __name__ == "__main__":
+    _python_format_warning, warnings.formatwarning = warnings.formatwarning, _format_warning
     sys.exit(main())

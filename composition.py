@@ -7,13 +7,18 @@ The pipeline of the published demos, for both generations:
 3. retrieve candidates for each caption from an image pool by CLIP text-image similarity;
 4. let the model pick one candidate (prefilled `最合适的图是`), with the preceding text and images as
    context. With the user's own images, it picks among those not used yet, without retrieval.
-Plus XComposer2's editing operations (expand, rewrite, shorten, insert a paragraph) and Markdown / HTML output.
+Plus XComposer2's editing operations (expand, rewrite, shorten, insert a paragraph) and Markdown / HTML / JSON
+output (`Article.save`, `Article.load`).
 
 Prompt building and answer parsing are pure functions; `Composer` makes the model calls. A malformed
-answer never stops the article: the parser warns (`CompositionWarning`) and falls back.
+answer never stops the article: the parser warns (`CompositionWarning`) and falls back. Untrusted input is
+contained: an unreadable pool image is skipped with a warning, the embedding cache is never unpickled and a
+damaged one is rebuilt, the Markdown shows the model's text as text (no tags, no links), and a saved article
+whose images lie outside its folder is refused.
 """
 
 import base64
+import contextlib
 import hashlib
 import html
 import io
@@ -21,16 +26,22 @@ import json
 import os
 import re
 import shutil
+import sys
 import urllib.parse
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
-from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
+from model_folder import staged_folder
+from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor, load_image
 
 MAX_PARAGRAPHS = 60  # upstream's max_section
 SPOT_PREFILL = "适合插入图像的行是"
@@ -39,6 +50,8 @@ SELECT_PREFILL = "最合适的图是"
 SELECT_HEAD = "根据给定上下文和候选图像，选择合适的配图："
 SEG_PATTERN = re.compile(r"<Seg([0-9]*)>")  # upstream's `<Seg[0-9]*>`, digits captured
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+EDIT_HEADS = {"expand": "扩写以下段落：", "rewrite": "改写以下段落：", "shorten": "缩写以下段落："}
+EDITS = (*EDIT_HEADS, "insert")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -48,6 +61,45 @@ class CompositionWarning(UserWarning):
 
 def _warn(message: str) -> None:
     warnings.warn(message, CompositionWarning, stacklevel=3)
+
+
+def progress_bar(show: bool | None = None, **kwargs) -> tqdm:
+    """A tqdm bar on stderr: with `show=None` only when stderr is a terminal, never with False, always with True."""
+    return tqdm(file=sys.stderr, disable=None if show is None else not show, **kwargs)
+
+
+def read_image(path) -> Image.Image:
+    """`processing_xcomposer.load_image` for a file that may hold anything: every way it fails to decode, a
+    decompression bomb included, is a ValueError naming the file."""
+    try:
+        return load_image(path)
+    except (Image.DecompressionBombError, SyntaxError) as err:  # PIL raises these past load_image's net
+        raise ValueError(f"cannot read image file {str(path)!r}: {err}") from err
+
+
+def image_problems(paths: Sequence) -> list[str]:
+    """One message for each path that is not a readable image; empty when all are."""
+    problems = []
+    for path in paths:
+        try:
+            read_image(path)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
+@contextlib.contextmanager
+def replacing(path: Path):
+    """A fresh temporary path in `path`'s folder that replaces `path` (os.replace) when the block completes and
+    is removed when it fails, so a reader sees the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------- prompts (pure) ---------------
@@ -105,16 +157,9 @@ def selection_prompt(paragraphs: Sequence[str], location: int, chosen: Sequence[
     return SELECT_HEAD + context + "候选图像包括: " + options
 
 
-def expand_prompt(text: str, material: str = "") -> str:
-    return f"扩写以下段落：{text}" + (f"\n基于以下素材：{material}" if material else "")
-
-
-def rewrite_prompt(text: str) -> str:
-    return f"改写以下段落：{text}"
-
-
-def shorten_prompt(text: str) -> str:
-    return f"缩写以下段落：{text}"
+def edit_prompt(kind: str, text: str, material: str = "") -> str:
+    """XComposer2's paragraph edits: expand (from `material`, if any), rewrite or shorten `text`."""
+    return EDIT_HEADS[kind] + text + (f"\n基于以下素材：{material}" if material else "")
 
 
 def insert_prompt(first: str, second: str, outline: str) -> str:
@@ -180,68 +225,18 @@ class Section:
     text: str
     image: str | None = None  # path of the image shown after the paragraph
     caption: str | None = None
-    candidates: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)  # what retrieval offered (recorded, never opened)
 
 
-@dataclass
-class Article:
-    instruction: str
-    sections: list[Section]
+# Markdown passes raw HTML through and makes links of `[text](url)`, `[text]: url` and `<url>`. In the model's
+# text these characters become entities, which no renderer reads as structure: the text shows as written (as
+# in the HTML output), and no tag, event attribute, `javascript:` link or remote image survives, while
+# headings, emphasis and lists still render. (Inside a code span an entity shows as written.)
+_MARKDOWN_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "[": "&#91;", "]": "&#93;"}
 
-    @property
-    def paragraphs(self) -> list[str]:
-        return [s.text for s in self.sections]
 
-    def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), ensure_ascii=False, indent=1), encoding="utf-8")
-
-    @classmethod
-    def from_json(cls, path) -> "Article":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(data["instruction"], [Section(**s) for s in data["sections"]])
-
-    def to_markdown(self, path) -> Path:
-        """`path` (.md) plus a `{stem}_files/` folder beside it with copies of the images."""
-        path = Path(path)
-        files = path.with_name(path.stem + "_files")
-        lines = []
-        for i, section in enumerate(self.sections):
-            lines.append(section.text + "\n")
-            if section.image:
-                files.mkdir(parents=True, exist_ok=True)
-                copy = files / f"{i:02d}_{Path(section.image).name}"
-                shutil.copyfile(section.image, copy)
-                link = urllib.parse.quote(f"{files.name}/{copy.name}")
-                alt = (section.caption or "").replace("]", " ").replace("\n", " ")
-                lines.append(f"![{alt}]({link})\n")
-        path.write_text("\n".join(lines), encoding="utf-8")
-        return path
-
-    def to_html(self, path) -> Path:
-        """A self-contained page: every image is embedded as a data URI."""
-        path = Path(path)
-        body = []
-        for section in self.sections:
-            heading = re.match(r"^(#{1,6})\s+(.*)$", section.text.strip())
-            if heading:
-                level = len(heading.group(1))
-                body.append(f"<h{level}>{html.escape(heading.group(2))}</h{level}>")
-            else:
-                body.append(f"<p>{html.escape(section.text)}</p>")
-            if section.image:
-                caption = html.escape(section.caption or "")
-                body.append(f'<figure><img src="{image_data_uri(section.image)}" alt="{caption}">'
-                            f"<figcaption>{caption}</figcaption></figure>")
-        title = html.escape(self.instruction.strip().split("\n")[0][:80])
-        page = (
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>{title}</title><style>body{{max-width:46em;margin:2em auto;font-family:sans-serif;"
-            "line-height:1.6;overflow-wrap:anywhere}figure{text-align:center;margin:1em 0}img{max-width:100%}"
-            "figcaption{color:#555;font-size:.9em}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n"
-        )
-        path.write_text(page, encoding="utf-8")
-        return path
+def markdown_text(text: str) -> str:
+    return re.sub(r"[&<>\[\]]", lambda match: _MARKDOWN_ENTITIES[match.group()], text)
 
 
 _BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -260,7 +255,142 @@ def image_data_uri(path) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
+def _copy_name(index: int, image: str) -> str:
+    """`{index:02d}_{name}`; a copy made by `save` (in a `*_files` folder) drops its old index first."""
+    image = Path(image)
+    name = re.sub(r"^\d{2,}_", "", image.name) if image.parent.name.endswith("_files") else image.name
+    return f"{index:02d}_{name}"
+
+
+def _folder_mode() -> int:
+    """The mode os.mkdir gives a new folder under the process's umask (which can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _keys(data, required: set, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is a {type(data).__name__}, not an object")
+    problems = [f"{what} {', '.join(sorted(keys))}" for what, keys in
+                (("missing", required - set(data)), ("unknown", set(data) - required)) if keys]
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return data
+
+
+def _typed(value, kinds, where: str):
+    if not isinstance(value, kinds):
+        names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in kinds)
+        raise ValueError(f"{where} must be {names}, not {type(value).__name__}")
+    return value
+
+
+def _inside(folder: Path, name: str, where: str) -> str:
+    """`name` (relative to `folder`) as an absolute path, which must lie inside `folder` once links resolve."""
+    target = (folder / name).resolve()
+    if not target.is_relative_to(folder):
+        raise ValueError(f"{where}: the image {name!r} is outside the article's folder {folder}")
+    if not target.is_file():
+        raise ValueError(f"{where}: the image {name!r} does not exist")
+    return str(target)
+
+
+@dataclass
+class Article:
+    instruction: str
+    sections: list[Section]
+
+    @property
+    def paragraphs(self) -> list[str]:
+        return [s.text for s in self.sections]
+
+    def save(self, base) -> list[Path]:
+        """BASE.md (linking copies of the images in BASE_files/), BASE.html (self-contained) and BASE.json (the
+        article, naming the copies; `load` reads it). Each file and the folder appear complete or not at all."""
+        base = Path(base)
+        files = base.with_name(base.name + "_files")
+        links = {i: f"{files.name}/{_copy_name(i, s.image)}" for i, s in enumerate(self.sections) if s.image}
+        data = asdict(self)
+        for i, link in links.items():
+            data["sections"][i]["image"] = link
+        outputs = {base.with_name(base.name + ".md"): self.markdown(links),
+                   base.with_name(base.name + ".html"): self.html(),
+                   base.with_name(base.name + ".json"): json.dumps(data, ensure_ascii=False, indent=1)}
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: the folder lands first, then the files
+            temporary = {path: stack.enter_context(replacing(path)) for path in outputs}
+            if links:
+                folder = stack.enter_context(staged_folder(files, replace=True))
+                os.chmod(folder, _folder_mode())  # staged_folder's temporary folder is private (0700)
+                for i, link in links.items():
+                    shutil.copyfile(self.sections[i].image, os.path.join(folder, Path(link).name))
+            for path, text in outputs.items():
+                temporary[path].write_text(text, encoding="utf-8")
+        return list(outputs)
+
+    @classmethod
+    def load(cls, path) -> "Article":
+        """An article that `save` wrote. Anything else is a ValueError naming the problem: not JSON, missing or
+        unknown keys, a wrong type, or an image that is missing or outside the JSON file's folder (an absolute
+        path elsewhere, `..`, a link that leads out)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the article {str(path)!r}: {err}") from err
+        where = f"article {str(path)!r}"
+        _keys(data, {"instruction", "sections"}, where)
+        folder = path.resolve().parent
+        sections = []
+        for i, item in enumerate(_typed(data["sections"], (list,), f"{where}: sections")):
+            at = f"{where}, section {i}"
+            _keys(item, {f.name for f in fields(Section)}, at)
+            image = _typed(item["image"], (str, type(None)), f"{at}: image")
+            candidates = _typed(item["candidates"], (list,), f"{at}: candidates")
+            for candidate in candidates:
+                _typed(candidate, (str,), f"{at}: a candidate")
+            sections.append(Section(_typed(item["text"], (str,), f"{at}: text"),
+                                    image if image is None else _inside(folder, image, at),
+                                    _typed(item["caption"], (str, type(None)), f"{at}: caption"), candidates))
+        return cls(_typed(data["instruction"], (str,), f"{where}: instruction"), sections)
+
+    def markdown(self, links: dict[int, str]) -> str:
+        """The article as Markdown, with the image of section i at the relative path `links[i]`."""
+        lines = []
+        for i, section in enumerate(self.sections):
+            lines.append(markdown_text(section.text) + "\n")
+            if i in links:
+                alt = markdown_text(section.caption or "").replace("\n", " ")
+                lines.append(f"![{alt}]({urllib.parse.quote(links[i])})\n")
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        """A self-contained page: every image is embedded as a data URI, all text is escaped."""
+        body = []
+        for section in self.sections:
+            heading = re.match(r"^(#{1,6})\s+(.*)$", section.text.strip())
+            if heading:
+                level = len(heading.group(1))
+                body.append(f"<h{level}>{html.escape(heading.group(2))}</h{level}>")
+            else:
+                body.append(f"<p>{html.escape(section.text)}</p>")
+            if section.image:
+                caption = html.escape(section.caption or "")
+                body.append(f'<figure><img src="{image_data_uri(section.image)}" alt="{caption}">'
+                            f"<figcaption>{caption}</figcaption></figure>")
+        title = html.escape(self.instruction.strip().split("\n")[0][:80])
+        return (
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>body{{max-width:46em;margin:2em auto;font-family:sans-serif;"
+            "line-height:1.6;overflow-wrap:anywhere}figure{text-align:center;margin:1em 0}img{max-width:100%}"
+            "figcaption{color:#555;font-size:.9em}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n"
+        )
+
+
 # ---------------------------------------------------------------- retrieval --------------------
+
+CACHE_FORMAT = "xcomposer-compose CLIP pool cache 1"
 
 
 def _sha256(path) -> str:
@@ -274,10 +404,13 @@ def _sha256(path) -> str:
 class ClipRetriever:
     """Text-to-image retrieval over a pool folder with a local CLIP (CLIPModel + CLIPProcessor).
 
-    Image embeddings are cached in `cache_dir` per pool; an entry is reused only when the file's
-    relative path, size, mtime and sha256 all match and the CLIP folder is unchanged."""
+    Image embeddings are cached in `cache_dir`, one safetensors file per pool (the embeddings, and in its
+    metadata a JSON list of relative path, size, mtime and sha256); an entry is reused only when all four match
+    and the CLIP folder is unchanged. The cache is replaced atomically, so runs that share it never read a
+    partial file, and it is never unpickled: a damaged or forged one is rebuilt with a warning.
+    `progress`: tqdm bars on stderr while indexing (None: only when stderr is a terminal)."""
 
-    def __init__(self, clip_path, cache_dir=None, device: str | torch.device = "cpu"):
+    def __init__(self, clip_path, cache_dir=None, device: str | torch.device = "cpu", progress: bool | None = None):
         from transformers import CLIPModel, CLIPProcessor
 
         self.clip_path = Path(clip_path).resolve()
@@ -287,7 +420,7 @@ class ClipRetriever:
         self.processor = CLIPProcessor.from_pretrained(self.clip_path)
         default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xcomposer-compose"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default
-        self.device = device
+        self.device, self.progress = device, progress
         self._pools: dict[Path, tuple[list[Path], torch.Tensor]] = {}
 
     def _model_key(self) -> str:
@@ -295,11 +428,7 @@ class ClipRetriever:
         return hashlib.sha256(repr((str(self.clip_path), stats)).encode()).hexdigest()
 
     @torch.no_grad()
-    def _embed_images(self, paths: list[Path]) -> torch.Tensor:
-        images = []
-        for path in paths:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+    def _embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
         features = self.model.get_image_features(**inputs)
         features = getattr(features, "pooler_output", features)
@@ -314,45 +443,93 @@ class ClipRetriever:
         features = getattr(features, "pooler_output", features)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()[0]
 
-    def index(self, pool_dir, batch_size: int = 16) -> tuple[list[Path], torch.Tensor]:
-        """Pool image paths (sorted) and their unit embeddings; only new or changed files are embedded."""
+    def index(self, pool_dir, batch_size: int = 16) -> tuple[list[Path], torch.Tensor | None]:
+        """Readable pool image paths (sorted) and their unit embeddings; only new or changed files are embedded.
+        A file that cannot be read or decoded is left out with a warning that names it."""
         pool = Path(pool_dir).resolve()
         if not pool.is_dir():
             raise FileNotFoundError(f"image pool {str(pool_dir)!r} is not a folder")
         paths = sorted(p for p in pool.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        cache_file = self.cache_dir / f"clip_{hashlib.sha256(str(pool).encode()).hexdigest()[:16]}.pt"
-        cache = self._load_cache(cache_file)
-        entries, todo = {}, []
-        for path in paths:
-            stat = path.stat()
-            key = str(path.relative_to(pool))
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
-            old = cache["files"].get(key)
-            if old is not None and all(old[k] == entry[k] for k in entry):
-                entry["embedding"] = old["embedding"]
+        cache_file = self.cache_dir / f"clip_{hashlib.sha256(str(pool).encode()).hexdigest()[:16]}.safetensors"
+        cached = self._load_cache(cache_file)
+        entries, todo = {}, []  # relative path -> ((size, mtime_ns, sha256), embedding)
+        for path in progress_bar(self.progress, iterable=paths, desc="checking the pool", unit="file"):
+            key = path.relative_to(pool).as_posix()
+            try:
+                stat = path.stat()
+                record = (stat.st_size, stat.st_mtime_ns, _sha256(path))
+            except OSError as err:
+                _warn(f"skipping a pool image: cannot read image file {str(path)!r}: {err}")
+                continue
+            if key in cached and cached[key][0] == record:
+                entries[key] = cached[key]
             else:
-                todo.append((key, path))
-            entries[key] = entry
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            for (key, _), embedding in zip(chunk, self._embed_images([p for _, p in chunk])):
-                entries[key]["embedding"] = embedding
-        if todo or set(entries) != set(cache["files"]):
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": self._model_key(), "files": entries}, cache_file)
-        embeddings = torch.stack([entries[str(p.relative_to(pool))]["embedding"] for p in paths]) if paths else None
+                todo.append((key, path, record))
+        with progress_bar(self.progress, total=len(todo), desc="embedding the pool", unit="image") as bar:
+            for start in range(0, len(todo), batch_size):
+                readable, images = [], []
+                for key, path, record in todo[start:start + batch_size]:
+                    try:
+                        images.append(read_image(path))
+                        readable.append((key, record))
+                    except ValueError as err:
+                        _warn(f"skipping a pool image: {err}")
+                if images:
+                    for (key, record), embedding in zip(readable, self._embed_images(images)):
+                        entries[key] = (record, embedding)
+                bar.update(len(todo[start:start + batch_size]))
+        changed = entries.keys() != cached.keys() or any(entries[k][0] != cached[k][0] for k in entries)
+        if entries and changed:
+            self._save_cache(cache_file, entries)
+        paths = [p for p in paths if p.relative_to(pool).as_posix() in entries]
+        embeddings = torch.stack([entries[p.relative_to(pool).as_posix()][1] for p in paths]) if paths else None
         self._pools[pool] = (paths, embeddings)
         return paths, embeddings
 
+    def _save_cache(self, cache_file: Path, entries: dict) -> None:
+        keys = sorted(entries)
+        metadata = {"format": CACHE_FORMAT, "model": self._model_key(),
+                    "files": json.dumps([[key, *entries[key][0]] for key in keys])}
+        embeddings = torch.stack([entries[key][1] for key in keys]).contiguous()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with replacing(cache_file) as tmp:
+            save_file({"embeddings": embeddings}, str(tmp), metadata=metadata)
+
     def _load_cache(self, cache_file: Path) -> dict:
-        if cache_file.is_file():
-            try:
-                cache = torch.load(cache_file, weights_only=True)
-                if cache.get("model") == self._model_key():
-                    return cache
-            except Exception as err:  # a corrupt cache is rebuilt, never fatal
-                _warn(f"ignoring unreadable embedding cache {cache_file}: {err}")
-        return {"model": None, "files": {}}
+        """The entries of a cache written for this CLIP folder; empty when there is none, when it was written
+        for another CLIP, and (with a warning) when it is damaged or forged."""
+        if not cache_file.is_file():
+            return {}
+        try:
+            with safe_open(str(cache_file), framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != CACHE_FORMAT:
+                    raise ValueError("it is not a cache this code wrote")
+                if metadata.get("model") != self._model_key():
+                    return {}
+                if set(f.keys()) != {"embeddings"}:
+                    raise ValueError(f"unexpected tensors {sorted(f.keys())}")
+                embeddings = f.get_tensor("embeddings")
+            return self._cache_entries(json.loads(metadata["files"]), embeddings)
+        except Exception as err:  # any damage at all: a cache is rebuilt, never fatal
+            _warn(f"rebuilding the embedding cache {str(cache_file)!r}: {type(err).__name__}: {err}")
+            return {}
+
+    def _cache_entries(self, files, embeddings: torch.Tensor) -> dict:
+        shape = (len(files), self.model.config.projection_dim)
+        if embeddings.dtype != torch.float32 or tuple(embeddings.shape) != shape:
+            raise ValueError(f"embeddings are {embeddings.dtype} {tuple(embeddings.shape)}, expected float32 {shape}")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("embeddings that are not finite")
+        entries = {}
+        for item, embedding in zip(files, embeddings):
+            key, size, mtime_ns, sha256 = item
+            if not (isinstance(key, str) and type(size) is int and type(mtime_ns) is int and isinstance(sha256, str)):
+                raise ValueError(f"a malformed file entry {item!r}")
+            entries[key] = ((size, mtime_ns, sha256), embedding)
+        if len(entries) != len(files):
+            raise ValueError("a file listed twice")
+        return entries
 
     def search(self, caption: str, pool_dir, k: int = 4, exclude: Sequence = ()) -> list[str]:
         """The `k` pool images most similar to `caption`, best first, skipping paths in `exclude`."""
@@ -505,41 +682,44 @@ class Composer:
         return article
 
     # -- XComposer2 editing ---------------------------------------------------------------------
-    def _edited(self, step: str, prompt: str, fallback: str, max_new_tokens: int) -> str:
-        answer = self.generate(step, prompt, max_new_tokens=max_new_tokens).strip()
-        if not answer:
-            _warn(f"{step}: the model returned no text; keeping the paragraph as it was")
-            return fallback
-        return answer
-
-    def _check(self, article: Article, index: int) -> None:
+    def edit(self, kind: str, article: Article, index: int, material: str = "", outline: str = "",
+             max_new_tokens: int = 512) -> Article:
+        """One of EDITS on paragraph `index`, in place: expand (from `material`, if any), rewrite or shorten it,
+        or insert a new paragraph after it from `outline` (between it and the next one, "" at the end).
+        An empty answer leaves the article as it was, with a warning."""
+        if kind not in EDITS:
+            raise ValueError(f"unknown edit {kind!r}; the edits are {', '.join(EDITS)}")
+        if material and kind != "expand":
+            raise ValueError(f"material is for expand, not {kind}")
+        if bool(outline) != (kind == "insert"):
+            raise ValueError("insert needs an outline" if kind == "insert" else f"an outline is for insert, not {kind}")
         if not 0 <= index < len(article.sections):
             raise IndexError(f"paragraph {index} does not exist; the article has {len(article.sections)}")
+        text = article.sections[index].text
+        if kind == "insert":
+            following = article.sections[index + 1].text if index + 1 < len(article.sections) else ""
+            prompt = insert_prompt(text, following, outline)
+        else:
+            prompt = edit_prompt(kind, text, material)
+        self.progress(kind, 0, 1)
+        answer = self.generate(kind, prompt, max_new_tokens=max_new_tokens).strip()
+        self.progress(kind, 1, 1)
+        if not answer:
+            _warn(f"{kind}: the model returned no text; the article stays as it was")
+        elif kind == "insert":
+            article.sections.insert(index + 1, Section(answer))
+        else:
+            article.sections[index].text = answer
+        return article
 
     def expand(self, article: Article, index: int, material: str = "", max_new_tokens: int = 512) -> Article:
-        self._check(article, index)
-        text = article.sections[index].text
-        article.sections[index].text = self._edited("expand", expand_prompt(text, material), text, max_new_tokens)
-        return article
+        return self.edit("expand", article, index, material=material, max_new_tokens=max_new_tokens)
 
     def rewrite(self, article: Article, index: int, max_new_tokens: int = 512) -> Article:
-        self._check(article, index)
-        text = article.sections[index].text
-        article.sections[index].text = self._edited("rewrite", rewrite_prompt(text), text, max_new_tokens)
-        return article
+        return self.edit("rewrite", article, index, max_new_tokens=max_new_tokens)
 
     def shorten(self, article: Article, index: int, max_new_tokens: int = 512) -> Article:
-        self._check(article, index)
-        text = article.sections[index].text
-        article.sections[index].text = self._edited("shorten", shorten_prompt(text), text, max_new_tokens)
-        return article
+        return self.edit("shorten", article, index, max_new_tokens=max_new_tokens)
 
     def insert(self, article: Article, index: int, outline: str, max_new_tokens: int = 512) -> Article:
-        """A new paragraph after paragraph `index` (between it and the next one, "" at the end)."""
-        self._check(article, index)
-        first = article.sections[index].text
-        second = article.sections[index + 1].text if index + 1 < len(article.sections) else ""
-        text = self._edited("insert", insert_prompt(first, second, outline), "", max_new_tokens)
-        if text:
-            article.sections.insert(index + 1, Section(text))
-        return article
+        return self.edit("insert", article, index, outline=outline, max_new_tokens=max_new_tokens)

@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -59,7 +60,7 @@ def test_model_card_snippet_runs_offline(folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("remove", ["tokenizer.model", "modeling_xcomposer.py", "model.safetensors", "README.md"])
+@pytest.mark.parametrize("remove", ["tokenizer.model", "modeling_xcomposer.py", "model.safetensors"])
 def test_incomplete_folder_is_refused_and_names_what_is_missing(folder, remove, capsys):
     os.remove(folder / remove)
     assert any(remove in problem for problem in check_model_folder(folder))
@@ -96,6 +97,61 @@ def test_upload_calls_the_hub_api_with_the_right_arguments(folder):
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"] and api.calls[1][2]["create_pr"] is True
 
 
+def test_upload_writes_a_missing_model_card_from_the_config_and_says_so(tmp_path, version, capsys):
+    model = build_model(version)
+    processor = XComposerProcessor.for_model(model.config, InternLMTokenizer(vocab_file=tiny_sp_path(version)))
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    assert check_model_folder(tmp_path / "saved") == ["missing README.md"]
+    api = FakeHfApi()
+    push_to_hub.push(str(tmp_path / "saved"), "someone/repo", api=api)
+    assert capsys.readouterr().out == (
+        f"wrote the model card {tmp_path / 'saved' / 'README.md'} from config.json (the folder had none)\n")
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert ("xcomposer2" if version == 2 else "xcomposer") in card.data.tags
+    assert f"| decoder | {'InternLM2' if version == 2 else 'InternLM'}, 2 layers, width 64" in card.text
+    assert 'path = "someone/repo"' in card.text
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    before = (tmp_path / "saved" / "README.md").read_text()
+    push_to_hub.push(str(tmp_path / "saved"), "someone/other", api=FakeHfApi())  # a card is never overwritten
+    assert capsys.readouterr().out == "" and (tmp_path / "saved" / "README.md").read_text() == before
+
+
+def test_a_folder_without_an_xcomposer_config_gets_no_card_and_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert push_to_hub.main([str(tmp_path), "someone/repo"]) == 1
+    assert not (tmp_path / "README.md").exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: refusing to upload {tmp_path}, it is incomplete:\n") and "missing README.md" in err
+
+
+@pytest.mark.parametrize("error", push_to_hub.UNREACHABLE, ids=lambda e: f"{e.__module__}.{e.__name__}")
+def test_an_unreachable_hub_is_one_clear_line(folder, error, monkeypatch, capsys):
+    class Refusing(FakeHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise error("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(push_to_hub, "HfApi", Refusing)
+    monkeypatch.setattr(push_to_hub.constants, "ENDPOINT", "http://hub.invalid")
+    assert push_to_hub.main([str(folder), "someone/repo"]) == 1
+    assert capsys.readouterr() == ("", "error: cannot reach the Hub at http://hub.invalid: [Errno 111] Connection refused\n")
+
+
+@pytest.mark.slow  # a fresh process
+def test_a_refused_connection_is_one_clear_line(folder, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**offline_env(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_not_a_real_token"}
+    del env["HF_HUB_OFFLINE"]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "push_to_hub.py"), str(folder), "someone/repo"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert re.fullmatch(rf"error: cannot reach the Hub at http://127\.0\.0\.1:{port}: .*Connection refused.*\n",
+                        done.stderr), done.stderr
+
+
+@pytest.mark.slow  # a fresh process
 def test_upload_offline_fails_cleanly_without_a_traceback(folder, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "push_to_hub.py"), str(folder), "someone/repo"],
                           env=offline_env(tmp_path), capture_output=True, text=True)
