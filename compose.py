@@ -122,9 +122,10 @@ def load(model_dir: str, device: str, dtype: str | None):
     from modeling_xcomposer import XComposerForCausalLM
     from processing_xcomposer import XComposerProcessor
     from tokenization_internlm import InternLMTokenizer
+    from transformers_compat import DTYPE_ARG
 
     dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-    model = XComposerForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model = XComposerForCausalLM.from_pretrained(model_dir, **{DTYPE_ARG: getattr(torch, dtype)}).to(device).eval()
     tokenizer = InternLMTokenizer.from_pretrained(model_dir)
     return model, XComposerProcessor.for_model(model.config, tokenizer)
 

@@ -109,6 +109,10 @@ def _takes_layer_index(method) -> bool:
     return "layer_idx" in inspect.signature(method).parameters
 
 
+# from_pretrained's dtype argument: torch_dtype before 4.56, dtype since (5.x still takes torch_dtype, warning).
+DTYPE_ARG = "dtype" if _installed >= version.parse("4.56.0") else "torch_dtype"
+
+
 def return_dict_default(config) -> bool:
     """config.use_return_dict (4.x, which also honours torchscript) or config.return_dict (5.x)."""
     return getattr(config, "use_return_dict", getattr(config, "return_dict", True))
