@@ -579,9 +579,9 @@ class Composer:
         messages = [{"role": "system", "content": ""}, {"role": "user", "content": content}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
         images = list(images)
-        try:
-            answer = self.model.reply(self.processor, prompt, images, streamer=streamer, max_new_tokens=max_new_tokens,
-                                      **{"do_sample": False, **self.generation_kwargs})
+        try:  # the messages, not the rendered prompt: the article text is encoded as plain text
+            answer = self.model.reply(self.processor, messages, images, prefill=prefill, streamer=streamer,
+                                      max_new_tokens=max_new_tokens, **{"do_sample": False, **self.generation_kwargs})
         except ValueError as error:  # a prompt longer than the context: this step is skipped, the article goes on
             if not str(error).startswith("prompt too long"):
                 raise

@@ -11,6 +11,15 @@ transformers release from 4.45 to 5.x accepts for remote code; sub-configs are b
 
 from transformers import PretrainedConfig
 
+# Importing transformers_compat checks the installed transformers release (an ImportError naming the range).
+try:  # as remote code, inside transformers' dynamic package
+    from .transformers_compat import OLDEST  # noqa: F401
+except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
+    try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
+        from transformers_compat import OLDEST  # noqa: F401
+    except ImportError:
+        raise
+
 # The Auto classes a folder of ours loads with (trust_remote_code), and the flat modules that define them. Each
 # class registers itself under its entry (register_for_auto_class), so its save_pretrained copies its module;
 # the config starts from the whole table, so aliases such as AutoModelForImageTextToText are always present.

@@ -120,6 +120,11 @@ def write_folder_files(folder, config: XComposerConfig, processor=None, **card) 
     write_generation_config(folder, config)
     if processor is not None:
         processor.save_pretrained(folder)
+        # Both spellings of the chat template: .jinja (transformers 4.52+) and .json (before)
+        with open(os.path.join(folder, "chat_template.json"), "w", encoding="utf-8") as f:
+            json.dump({"chat_template": processor.chat_template}, f, ensure_ascii=False, indent=2)
+        with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(processor.chat_template)
     # Its own file too: transformers 4.x reads the image processor from preprocessor_config.json.
     image_processor = processor.image_processor if processor is not None else XComposerImageProcessor.for_model(config)
     image_processor.save_pretrained(folder)

@@ -37,23 +37,26 @@ try:  # as remote code, inside transformers' dynamic package
         return_dict_default,
         static_cache_length,
     )
-except ImportError:  # from a checkout: scripts and tests import the flat modules directly
-    from build_mlp import build_vision_projector
-    from configuration_xcomposer import (
-        XComposerConfig,
-        XComposerQFormerConfig,
-        XComposerTextConfig,
-        XComposerVisionConfig,
-    )
-    from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
-    from transformers_compat import (
-        CACHE_FIELD,
-        GradientCheckpointingLayer,
-        init,
-        registered_attention,
-        return_dict_default,
-        static_cache_length,
-    )
+except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
+    try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
+        from build_mlp import build_vision_projector
+        from configuration_xcomposer import (
+            XComposerConfig,
+            XComposerQFormerConfig,
+            XComposerTextConfig,
+            XComposerVisionConfig,
+        )
+        from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
+        from transformers_compat import (
+            CACHE_FIELD,
+            GradientCheckpointingLayer,
+            init,
+            registered_attention,
+            return_dict_default,
+            static_cache_length,
+        )
+    except ImportError:
+        raise
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -857,53 +860,69 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
              max_new_tokens: int = 1024, do_sample: bool = False, **generate_kwargs) -> tuple[str, list]:
         """One chat turn, as upstream's `model.chat`: returns (response, history + [(query, response, images)]).
 
-        `processor` is an XComposerProcessor or a plain tokenizer; `images` one image (PIL, path, array) or a
-        list. Without `<ImageHere>` in the query, one placeholder per image is put in front of it. Decoding is
+        `processor` is an XComposerProcessor or a plain tokenizer; `images` one image (PIL, path, URL, array) or
+        a list. Without `<ImageHere>` in the query, one placeholder per image is put in front of it. Decoding is
         greedy unless `do_sample=True`, and stops at eos or the end-of-turn piece. `system` replaces v2's default
-        system prompt ("" for none). History turns are (query, response) or (query, response, images)."""
-        if not isinstance(processor, ProcessorMixin):  # a tokenizer (the processor class may be another copy)
-            processor = XComposerProcessor.for_model(self.config, processor)
-        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        system prompt ("" for none). History turns are (query, response) or (query, response, images). The
+        query, history and system text are encoded as plain text: chat markers in them stay characters."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        images = _as_list(images)
         if images and IMAGE_PLACEHOLDER not in query:
             query = IMAGE_PLACEHOLDER * len(images) + query
         messages = [] if system is None else [{"role": "system", "content": system}]
         all_images = []
-        for past_query, past_response, *past_images in history:  # a turn remembers its images
-            messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_response}]
-            all_images += past_images[0] if past_images else []
+        for turn in history:  # a turn remembers its images
+            if not isinstance(turn, (list, tuple)) or len(turn) not in (2, 3):
+                raise ValueError(f"a history turn is (query, response) or (query, response, images), got {turn!r}")
+            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+            all_images += _as_list(turn[2]) if len(turn) == 3 else []
         messages.append({"role": "user", "content": query})
-        all_images += images
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        response = self.reply(processor, prompt, all_images, streamer=streamer, max_new_tokens=max_new_tokens,
-                              do_sample=do_sample, **generate_kwargs)
+        response = self.reply(processor, messages, [*all_images, *images], streamer=streamer,
+                              max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
         return response, [*history, (query, response, images)]
 
     @torch.no_grad()
-    def reply(self, processor, prompt: str, images=(), streamer=None, max_new_tokens: int = 1024,
-              **generate_kwargs) -> str:
-        """The model's continuation of one rendered prompt (chat format and any prefill included), decoded
-        without its stop pieces: the reply loop that `chat` and interleaved composition share. Generation stops
-        at the processor's stop ids and within the model's context."""
-        inputs = processor(text=prompt, images=list(images) or None).to(self.device)
+    def reply(self, processor, prompt, images=(), prefill: str = "", streamer=None, max_new_tokens: int = 1024,
+              raw_content: bool = False, **generate_kwargs) -> str:
+        """The model's answer to `prompt`, decoded without its stop pieces: the reply loop that `chat` and
+        interleaved composition share. `prompt` is a list of chat messages, rendered with the processor's chat
+        template and their text encoded as plain text (`raw_content=True` lets markers in it act), or an already
+        rendered prompt string, used as is. `prefill` starts the answer. `images` fill the `<ImageHere>`
+        placeholders in order. Generation stops at the processor's stop ids and within the model's context."""
+        if not isinstance(processor, ProcessorMixin):  # a tokenizer (the processor class may be another copy)
+            processor = XComposerProcessor.for_model(self.config, processor)
+        images = _as_list(images)
+        if isinstance(prompt, str):
+            inputs = processor(text=prompt + prefill, images=images or None)
+        else:
+            messages = [*prompt, {"role": "assistant", "content": prefill}] if prefill else list(prompt)
+            inputs = processor.apply_chat_template(messages, images=images, add_generation_prompt=not prefill,
+                                                   continue_final_message=bool(prefill), tokenize=True,
+                                                   return_dict=True, raw_content=raw_content)
+        inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         tokenizer, stop = processor.tokenizer, processor.stop_token_ids
-        length = inputs["input_ids"].shape[1]
-        room = self.config.text_config.max_position_embeddings - length
-        if room <= 0:
+        length, limit = inputs["input_ids"].shape[1], self.config.text_config.max_position_embeddings
+        if length >= limit:
             raise ValueError(f"prompt too long: {length} tokens leave no room to reply within the model's "
-                             f"maximum length of {self.config.text_config.max_position_embeddings}")
+                             f"maximum length of {limit}")
         # Embedding rows past the tokenizer's pieces (v1 pads its vocabulary) cannot be decoded: never emit them.
         unused = range(len(tokenizer), self.config.text_config.vocab_size)
         if len(unused):
             generate_kwargs.setdefault("suppress_tokens", list(unused))
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        output = self.generate(**inputs, streamer=streamer, max_new_tokens=min(max_new_tokens, room),
+        output = self.generate(**inputs, streamer=streamer, max_new_tokens=min(max_new_tokens, limit - length),
                                eos_token_id=stop, **generate_kwargs)
         new_tokens = output[0, length:].tolist()
         while new_tokens and new_tokens[-1] in stop:
             new_tokens.pop()
         return tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+def _as_list(images) -> list:
+    return [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 XComposerModel.register_for_auto_class("AutoModel")

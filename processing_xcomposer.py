@@ -6,14 +6,28 @@ The processor expands each `<ImageHere>` into `num_image_tokens` copies of `imag
 style, and tokenizes the text between placeholders separately, BOS only at the start of a sample.
 """
 
+import base64
+import binascii
+import io
 import os
+import re
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import BatchFeature
+from transformers import AddedToken, BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+
+try:  # as remote code, inside transformers' dynamic package
+    from .transformers_compat import declare_processor_parts
+except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
+    try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
+        from transformers_compat import declare_processor_parts
+    except ImportError:
+        raise
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -81,6 +95,9 @@ CHAT_TEMPLATE_V1 = _RENDER_CONTENT + (
 # (generation stops there, and fine-tuning trains it as the last piece of every answer).
 CHAT_TEMPLATES = {"mlp2x_gelu": CHAT_TEMPLATE_V2, "perceive_sampler": CHAT_TEMPLATE_V1}
 END_OF_TURN = {"mlp2x_gelu": "[UNUSED_TOKEN_145]", "perceive_sampler": "<TOKENS_UNUSED_1>"}
+# Every control piece of each chat format (turn markers, v1's role names), keyed by config.connector.
+CHAT_MARKERS = {"mlp2x_gelu": ("[UNUSED_TOKEN_146]", END_OF_TURN["mlp2x_gelu"]),
+                "perceive_sampler": ("<TOKENS_UNUSED_0>", END_OF_TURN["perceive_sampler"], "<|User|>", "<|Bot|>")}
 
 
 class XComposerImagesKwargs(ImagesKwargs, total=False):
@@ -129,19 +146,27 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(_wide_to_uint8(array)))
 
 
+# Bounds on what an image argument may make us fetch: untrusted URLs never hang a run or fill the memory.
+DOWNLOAD_TIMEOUT_S = 20
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+
+
 def load_image(image) -> Image.Image:
-    """Any supported input -> RGB PIL image, as upstream's `Image.open(path).convert('RGB')`."""
+    """Any supported input -> RGB PIL image, as upstream's `Image.open(path).convert('RGB')`.
+
+    A PIL image, an HW/HWC array, a path, or a URL as transformers takes them: `file://`, `http(s)://`
+    (downloaded with a timeout and a size cap) and `data:image/...;base64,`. Unreadable, empty or
+    decompression-bomb images are a ValueError naming the source."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"cannot read image file {str(image)!r}: {err}") from err
+        image = _open_source(os.fspath(image))
     elif isinstance(image, np.ndarray):
+        if image.size == 0:
+            raise ValueError(f"the image array of shape {image.shape} has no pixels")
         image = _array_to_pil(image)
     elif not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, a file path or an HWC numpy array, got {type(image).__name__}")
+        raise TypeError(f"expected a PIL image, a file path, a URL or an HWC numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image is {image.width}x{image.height}: it has no pixels")
 
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # A plain convert('RGB') clips these to 0..255 (a 16-bit image becomes almost all white).
@@ -152,6 +177,55 @@ def load_image(image) -> Image.Image:
         except (ValueError, OSError) as err:
             raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from err
     return image
+
+
+def _open_source(source: str) -> Image.Image:
+    if source.startswith("data:"):
+        header, comma, payload = source.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError(f"cannot read image {source[:40]!r}...: a data URL must be data:image/...;base64,...")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"cannot read image {source[:40]!r}...: invalid base64 ({err})") from err
+        return _open_file(io.BytesIO(data), "a data: URL")
+    if source.startswith(("http://", "https://")):
+        return _open_file(io.BytesIO(_download(source)), source)
+    if source.startswith("file://"):
+        source = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+    return _open_file(source, source)
+
+
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (OSError, ValueError) as err:  # URLError, HTTPError and timeouts are OSErrors
+        raise ValueError(f"cannot download image {url!r}: {err}") from err
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"image {url!r} is larger than {MAX_DOWNLOAD_BYTES >> 20} MB")
+    return data
+
+
+def _open_file(file, name: str) -> Image.Image:
+    try:
+        with Image.open(file) as opened:
+            opened.load()
+            return opened.copy()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"cannot read image file {name!r}: it decodes to too many pixels ({err})") from err
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError too
+        raise ValueError(f"cannot read image file {name!r}: {err}") from err
+
+
+def _message_image(item: dict):
+    """The image of a chat content item, in the ways transformers' chat messages name it."""
+    for key in ("image", "url", "path"):
+        if item.get(key) is not None:
+            return item[key]
+    if item.get("base64") is not None:
+        return "data:image/png;base64," + item["base64"]
+    raise ValueError(f"an image item needs 'image', 'url', 'path' or 'base64', got keys {sorted(item)}")
 
 
 class XComposerImageProcessor(BaseImageProcessor):
@@ -192,13 +266,12 @@ class XComposerImageProcessor(BaseImageProcessor):
 
 
 class XComposerProcessor(ProcessorMixin):
-    """Image processor + tokenizer; expands each `<ImageHere>` into `num_image_tokens` image ids."""
+    """Image processor + tokenizer; expands each `<ImageHere>` into `num_image_tokens` image ids.
 
-    # How transformers 4.x finds, checks and loads the parts (5.x reads the __init__ signature instead).
-    attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
-    valid_kwargs = ["num_image_tokens", "image_token_id", "image_token", "end_of_turn", "chat_template"]
+    At construction it makes the image id a special added token of the tokenizer when that is the next free
+    id (so tokens added later never take it, and decoding drops it), and marks the chat format's markers as
+    control tokens (decoding with skip_special_tokens drops them). Text in chat messages is encoded as plain
+    text: a chat marker or `<s>` that a user types stays characters, unless `raw_content=True`."""
 
     def __init__(
         self,
@@ -218,11 +291,20 @@ class XComposerProcessor(ProcessorMixin):
         self.image_token_id = image_token_id
         self.image_token = image_token
         self.end_of_turn = end_of_turn
+        connector = next((c for c, piece in END_OF_TURN.items() if piece == end_of_turn), None)
+        if chat_template is None and connector is not None:  # e.g. a 4.45 reading a 5.x folder's .jinja file
+            chat_template = CHAT_TEMPLATES[connector]
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        if len(tokenizer) == image_token_id and image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        if connector is not None and hasattr(tokenizer, "set_control_tokens") and not tokenizer.control_tokens:
+            tokenizer.set_control_tokens(CHAT_MARKERS[connector])
 
     @classmethod
     def for_model(cls, config, tokenizer) -> "XComposerProcessor":
-        """The processor that matches a model config: its image size, image tokens and chat format."""
+        """The processor that matches a model config: its image size, image tokens, chat format and length."""
+        if tokenizer.model_max_length > 10**12:  # unset: transformers' "very large" default
+            tokenizer.model_max_length = config.text_config.max_position_embeddings
         return cls(
             image_processor=XComposerImageProcessor.for_model(config),
             tokenizer=tokenizer,
@@ -240,6 +322,12 @@ class XComposerProcessor(ProcessorMixin):
             ids.append(self.tokenizer.convert_tokens_to_ids(self.end_of_turn))
         return ids
 
+    @property
+    def max_length(self) -> int | None:
+        """The tokenizer's model_max_length, when it is a real bound (writers set it to the model's)."""
+        limit = self.tokenizer.model_max_length
+        return limit if limit <= 10**12 else None
+
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one prompt, each `<ImageHere>` expanded into `num_image_tokens` image ids."""
         return self._expand(text.split(self.image_token), add_special_tokens)
@@ -256,6 +344,9 @@ class XComposerProcessor(ProcessorMixin):
         audio=None,
         **kwargs,
     ) -> BatchFeature:
+        """Text as a raw prompt (chat markers act as markers): use apply_chat_template for messages. Images go
+        where the `<ImageHere>` placeholders are; a sample without any gets one per image in front, as
+        `model.chat` does. `max_length` defaults to the tokenizer's model_max_length."""
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         if videos is not None or audio is not None:
@@ -264,35 +355,53 @@ class XComposerProcessor(ProcessorMixin):
             if images is None:
                 raise ValueError("give text, images or both")
             return self.image_processor(_flatten_images(images), return_tensors=return_tensors)
-
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a non-empty list of strings")
         per_sample = _split_images(images, len(texts))
+        if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
+            per_sample = [_flatten_images(images)] if len(texts) == 1 else None
+        if per_sample is not None:
+            texts = [t if self.image_token in t else self.image_token * len(ims) + t for t, ims in zip(texts, per_sample)]
+        max_length = self.max_length if max_length is None else max_length
         batch_ids, placeholders = [], 0
         for index, sample in enumerate(texts):
             chunks = sample.split(self.image_token)
             placeholders += len(chunks) - 1
             if per_sample is not None and len(per_sample[index]) != len(chunks) - 1:
-                raise ValueError(
-                    f"sample {index} has {len(chunks) - 1} {self.image_token} placeholders but "
-                    f"{len(per_sample[index])} images were given for it"
-                )
+                raise ValueError(f"sample {index} has {len(chunks) - 1} {self.image_token} placeholders but "
+                                 f"{len(per_sample[index])} images were given for it")
+            self._check_length(index, sample, None, max_length)
             ids = self._expand(chunks, add_special_tokens)
-            if max_length is not None and len(ids) > max_length:
-                raise ValueError(f"sample {index} is {len(ids)} tokens long, more than max_length={max_length}")
+            self._check_length(index, sample, len(ids), max_length)
             batch_ids.append(ids)
-
         flat_images = _flatten_images(images)
         if len(flat_images) != placeholders:
-            raise ValueError(
-                f"the text has {placeholders} {self.image_token} placeholders but {len(flat_images)} images were given"
-            )
-
+            raise ValueError(f"the text has {placeholders} {self.image_token} placeholders but {len(flat_images)} "
+                             f"images were given")
         data = self._pad(batch_ids, padding, max_length, return_tensors)
         if flat_images:
             data.update(self.image_processor(flat_images, return_tensors=return_tensors))
         return BatchFeature(data)
+
+    def _check_length(self, index: int, text: str, num_tokens: int | None, max_length: int | None) -> None:
+        """Too long is an error, never a truncation. Before tokenizing, a text longer than any max_length tokens
+        could cover (each token is at most the longest piece) is refused by its length alone."""
+        if max_length is None:
+            return
+        if num_tokens is None:
+            if len(text) <= max_length * _longest_piece(self.tokenizer):
+                return
+            found = f"{len(text):,} characters long, more than {max_length} tokens can hold"
+        elif num_tokens > max_length:
+            found = f"{num_tokens} tokens long, more than max_length={max_length}"
+        else:
+            return
+        hint = ""
+        if DEFAULT_SYSTEM_PROMPT_V2 in text:
+            hint = ("; the chat template's default system prompt takes part of it: a system message with empty "
+                    "content (system=\"\" in model.chat) drops it")
+        raise ValueError(f"prompt too long: sample {index} is {found}{hint}")
 
     def _expand(self, chunks: list[str], add_special_tokens: bool) -> list[int]:
         """Tokenize the text between placeholders separately; only the first chunk (possibly empty)
@@ -339,15 +448,110 @@ class XComposerProcessor(ProcessorMixin):
             return data
         raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+    # ----------------------------------------------------------- chat messages
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = "pt",
+                            continue_final_message: bool = False, raw_content: bool = False, images=None,
+                            processor_kwargs: dict | None = None, **kwargs):
+        """The chat template on one conversation or a batch, the same on every transformers release. With
+        tokenize=True the images in the messages ({"type": "image", "image"|"url"|"path"|"base64": ...}) are
+        loaded, or `images` fill the `<ImageHere>` placeholders of string contents in order, and the text is
+        encoded as plain text (see the class). `continue_final_message` leaves the last message open, for a
+        prefilled answer."""
+        batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batch else [conversation]
+        options = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                       continue_final_message=continue_final_message)
+        if not tokenize:
+            texts = [self._render(c, **options) for c in conversations]
+            return texts if batch else texts[0]
+        if kwargs.pop("return_assistant_tokens_mask", False):
+            raise ValueError("return_assistant_tokens_mask is not supported; finetune.py builds answer-only labels")
+        processor_kwargs = {**(processor_kwargs or {}), **kwargs}
+        max_length = processor_kwargs.pop("max_length", None)
+        padding = processor_kwargs.pop("padding", True)
+        if processor_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(processor_kwargs)}")
+        ids = [self.encode_messages(c, raw_content=raw_content, max_length=max_length, **options)
+               for c in conversations]
+        in_messages = [_message_image(item) for c in conversations for message in c
+                       for item in (message["content"] if isinstance(message["content"], (list, tuple)) else ())
+                       if isinstance(item, dict) and item.get("type") == "image"]
+        if in_messages and images:
+            raise ValueError("give images either inside the messages or as images=, not both")
+        images = in_messages or _flatten_images(images)
+        slots = sum(sample.count(self.image_token_id) for sample in ids) // self.num_image_tokens
+        if slots != len(images):
+            raise ValueError(f"the conversation has {slots} {self.image_token} placeholders but {len(images)} images "
+                             f"were given")
+        data = self._pad(ids, padding, max_length, return_tensors)
+        if images:
+            data.update(self.image_processor(images, return_tensors=return_tensors))
+        data = BatchFeature(data)
+        return data if return_dict else data["input_ids"]
+
+    def encode_messages(self, messages, chat_template: str | None = None, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False, raw_content: bool = False,
+                        max_length: int | None = None) -> list[int]:
+        """Token ids of a conversation as the chat template renders it, `<ImageHere>` expanded. The prompt is
+        tokenized as upstream tokenized it (in one piece between images), except that in message text a chat
+        marker, `<s>` or another added token is broken apart so it stays characters (`raw_content=False`)."""
+        marked, texts = _mark_texts(messages)
+        rendered = self._render(marked, chat_template, add_generation_prompt, continue_final_message)
+        parts = _MARK.split(rendered)  # template text, then (index, template text) pairs
+        text, breaks = parts[0], []
+        for index, template_text in zip(parts[1::2], parts[2::2]):
+            content = texts[int(index)]
+            if not raw_content:
+                breaks += [len(text) + start + 1 for start in _occurrences(content, self._protected_strings())]
+            text += content + template_text
+        self._check_length(0, text, None, self.max_length if max_length is None else max_length)
+        segments = [text[a:b] for a, b in zip([0, *breaks], [*breaks, len(text)])]
+        ids = [i for k, segment in enumerate(segments) for i in self.encode_prompt(segment, k == 0)]
+        self._check_length(0, text, len(ids), self.max_length if max_length is None else max_length)
+        return ids
+
+    def _render(self, messages, chat_template=None, add_generation_prompt=False, continue_final_message=False) -> str:
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this processor has no chat template; pass chat_template=")
+        text = self.tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt and not continue_final_message)
+        if continue_final_message:  # cut after the last message's text, as transformers does
+            last = messages[-1]["content"]
+            last = last if isinstance(last, str) else "".join(i.get("text", "") for i in last if isinstance(i, dict))
+            end = text.rfind(last)
+            if not last.strip() or end < 0:
+                raise ValueError("continue_final_message needs a final message with text that the template renders")
+            text = text[: end + len(last)]
+        return text
+
+    def _protected_strings(self) -> list[str]:
+        """What user text may not produce as a control id: added tokens (<s>, </s>, ...) and chat markers."""
+        tokenizer = self.tokenizer
+        strings = set(tokenizer.get_added_vocab()) | set(getattr(tokenizer, "control_tokens", ()))
+        return sorted(strings - {self.image_token})
+
+    # ----------------------------------------------------------- decoding
+
+    def decode(self, token_ids, **kwargs) -> str:
+        return self.tokenizer.decode(self._without_image_ids(token_ids), **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        return [self.decode(ids, **kwargs) for ids in sequences]
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decoded texts of generated sequences (the image-text-to-text pipeline's hook)."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def _without_image_ids(self, token_ids) -> list[int]:
+        ids = token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
+        return [i for i in ids if i != self.image_token_id]
 
 
 def _is_image_list(images) -> bool:
@@ -377,3 +581,61 @@ def _flatten_images(images) -> list:
 # (AutoProcessor, AutoImageProcessor) and copies this file next to the configs.
 XComposerImageProcessor.register_for_auto_class("AutoImageProcessor")
 XComposerProcessor.register_for_auto_class("AutoProcessor")
+declare_processor_parts(XComposerProcessor, attributes=["image_processor", "tokenizer"],
+                        image_processor_class="AutoImageProcessor", tokenizer_class="AutoTokenizer",
+                        valid_kwargs=["num_image_tokens", "image_token_id", "image_token", "end_of_turn", "chat_template"])
+
+
+# Message texts are rendered as these marks, so that after rendering we know where each text lies.
+_MARK = re.compile("\x00\ue000([0-9]+)\ue000\x00")
+
+
+def _mark_texts(messages) -> tuple[list[dict], list[str]]:
+    """Messages with each non-empty text replaced by a mark, and the texts (an empty one stays empty, so the
+    template can still test it, e.g. for "no system turn")."""
+    texts = []
+
+    def mark(text):
+        if not isinstance(text, str):
+            raise TypeError(f"message text must be a string, got {type(text).__name__}")
+        if "\x00\ue000" in text:
+            raise ValueError("message text contains the reserved characters U+0000 U+E000")
+        if not text:
+            return text
+        texts.append(text)
+        return f"\x00\ue000{len(texts) - 1}\ue000\x00"
+
+    marked = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"a chat message needs 'role' and 'content', got {message!r}")
+        content = message["content"]
+        if isinstance(content, (list, tuple)):
+            content = [{**item, "text": mark(item["text"])} if isinstance(item, dict) and item.get("type") == "text"
+                       else item for item in content]
+        else:
+            content = mark(content)
+        marked.append({**message, "content": content})
+    return marked, texts
+
+
+def _occurrences(text: str, strings) -> list[int]:
+    """Start positions of non-overlapping occurrences of any of `strings` in `text`, leftmost-longest first."""
+    candidates = sorted((s for s in strings if s and s in text), key=len, reverse=True)
+    starts, i = [], 0
+    while candidates and i < len(text):
+        match = next((s for s in candidates if text.startswith(s, i)), None)
+        if match is None:
+            i += 1
+        else:
+            starts.append(i)
+            i += len(match)
+    return starts
+
+
+def _longest_piece(tokenizer) -> int:
+    """The most characters one token can cover (cached on the tokenizer: the vocabulary is large)."""
+    cached = tokenizer.__dict__.get("_longest_piece")
+    if cached is None:
+        cached = tokenizer.__dict__["_longest_piece"] = max(map(len, tokenizer.get_vocab()), default=1)
+    return cached

@@ -7,6 +7,9 @@ has, implementing its protocol (vocabulary, `_tokenize`, id <-> piece, pieces ->
 - Text between added tokens is encoded by the sp model as is (its own dummy-prefix setting), as upstream.
 - Decoding runs of ordinary pieces through the sp model restores spaces, newlines and byte-fallback
   characters exactly; added tokens are written verbatim.
+- `control_tokens` (the chat format's markers, set by the processor and saved with the tokenizer) are
+  ordinary sp pieces, so encoding is upstream's, but decoding with skip_special_tokens drops them, as it
+  drops `<s>` and `</s>`: pipelines and users get answers without `[UNUSED_TOKEN_145]`.
 - A missing or corrupt model file is a clear error instead of a sentencepiece internal one.
 """
 
@@ -32,6 +35,7 @@ class InternLMTokenizer(PreTrainedTokenizer):
         add_eos_token=False,
         sp_model_kwargs=None,
         clean_up_tokenization_spaces=False,
+        control_tokens=None,
         **kwargs,
     ):
         self.vocab_file = vocab_file
@@ -49,10 +53,34 @@ class InternLMTokenizer(PreTrainedTokenizer):
             add_eos_token=add_eos_token,
             sp_model_kwargs=self.sp_model_kwargs,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,  # cleanup would alter text
+            control_tokens=list(control_tokens or []),
             **kwargs,
         )
+        self.control_tokens = list(control_tokens or [])
         # Some releases' base __init__ resets the flags it knows; ours drive build_inputs_with_special_tokens.
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A local folder without the model file is named here: transformers 4.x turns errors raised inside
+        # __init__ into a protobuf ImportError when protobuf is not installed.
+        folder = os.fspath(pretrained_model_name_or_path)
+        subfolder = kwargs.get("subfolder") or ""
+        if os.path.isdir(folder) and not kwargs.get("vocab_file"):
+            _require_model_file(os.path.join(folder, subfolder, "tokenizer.model"), folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def set_control_tokens(self, tokens) -> None:
+        """Mark pieces as control tokens (saved with the tokenizer); pieces this vocabulary lacks are left out."""
+        unk = self.sp_model.unk_id()
+        self.control_tokens = [t for t in tokens if t in self.added_tokens_encoder or self.sp_model.piece_to_id(t) != unk]
+        self.init_kwargs["control_tokens"] = list(self.control_tokens)
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        if skip_special_tokens and self.control_tokens and not isinstance(ids, int):
+            control = {self.sp_model.piece_to_id(t) for t in self.control_tokens}
+            ids = [i for i in ids if int(i) not in control]
+        return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
 
     def __getstate__(self):  # the sp model does not pickle (DataLoader workers): rebuild it from its bytes
         state = self.__dict__.copy()
@@ -125,15 +153,17 @@ class InternLMTokenizer(PreTrainedTokenizer):
         return (target,)
 
 
-def _load_sp_model(vocab_file, sp_model_kwargs, name_or_path=None) -> spm.SentencePieceProcessor:
-    """Fail early and clearly: sentencepiece would take None or surface its own parse error.
-
-    ValueError, not OSError: from_pretrained replaces any OSError with a generic "Unable to load vocabulary".
-    """
+def _require_model_file(vocab_file, name_or_path=None) -> None:
+    """ValueError, not OSError: from_pretrained replaces any OSError with a generic "Unable to load vocabulary"."""
     where = f" in {name_or_path!r}" if name_or_path else ""
     if vocab_file is None or not os.path.isfile(vocab_file):
         raise ValueError(f"InternLMTokenizer needs the sentencepiece model 'tokenizer.model'{where}; "
                          f"not found (vocab_file={vocab_file!r})")
+
+
+def _load_sp_model(vocab_file, sp_model_kwargs, name_or_path=None) -> spm.SentencePieceProcessor:
+    """Fail early and clearly: sentencepiece would take None or surface its own parse error."""
+    _require_model_file(vocab_file, name_or_path)
     model = spm.SentencePieceProcessor(**sp_model_kwargs)
     try:
         model.load(vocab_file)

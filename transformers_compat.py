@@ -113,6 +113,14 @@ def _takes_layer_index(method) -> bool:
 DTYPE_ARG = "dtype" if _installed >= version.parse("4.56.0") else "torch_dtype"
 
 
+def declare_processor_parts(processor_class, **parts) -> None:
+    """4.x's ProcessorMixin finds, checks and loads a processor's parts from class attributes (attributes,
+    image_processor_class, tokenizer_class, valid_kwargs); 5.x reads the __init__ signature and warns about them."""
+    if _installed.major < 5:
+        for name, value in parts.items():
+            setattr(processor_class, name, value)
+
+
 def return_dict_default(config) -> bool:
     """config.use_return_dict (4.x, which also honours torchscript) or config.return_dict (5.x)."""
     return getattr(config, "use_return_dict", getattr(config, "return_dict", True))

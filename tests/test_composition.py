@@ -294,7 +294,7 @@ def test_an_empty_article_or_a_too_long_prompt_warns_instead_of_crashing():
         assert composer.compose("Write", num_images=2).sections == []
     model = build_model(2)  # 256 positions
     composer = Composer(model, InternLMTokenizer(vocab_file=tiny_sp_path(2)))
-    with pytest.warns(CompositionWarning, match="write: prompt too long: 20.. tokens"):
+    with pytest.warns(CompositionWarning, match="write: prompt too long: sample 0 is 20.. tokens"):
         assert composer.generate("write", "word " * 400) == ""
 
 

@@ -163,9 +163,9 @@ def test_converted_folder_is_complete(converted, version):
     assert processor["image_processor"]["image_size"] == 28
     assert processor["num_image_tokens"] == (4 if version == 2 else 6)
     assert (dst / "chat_template.jinja").read_text() == (CHAT_TEMPLATE_V2 if version == 2 else CHAT_TEMPLATE_V1)
-    if version == 1:  # upstream v1's two extra tokens sit right after the sentencepiece pieces
+    if version == 1:  # upstream v1's two extra tokens sit right after the sentencepiece pieces, then the image id
         added = json.loads((dst / "added_tokens.json").read_text())
-        assert added == {"<ITG_TOKEN>": 384, "<SOI_TOKEN>": 385}
+        assert added == {"<ITG_TOKEN>": 384, "<SOI_TOKEN>": 385, "<ImageHere>": 386}
         assert all(t.dtype == torch.float32 for t in read_tensors(dst).values())  # fp16/fp32 mix -> config's fp32
 
 

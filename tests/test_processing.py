@@ -197,7 +197,7 @@ def test_sample_starting_with_an_image_keeps_bos_first_and_runs_stay_separate():
 def test_the_placeholder_string_is_never_tokenized():
     processor = make_processor()
     ids = processor("a<ImageHere>b", images=[random_rgb()])["input_ids"][0].tolist()
-    placeholder_ids = processor.tokenizer("<ImageHere>", add_special_tokens=False)["input_ids"]
+    placeholder_ids = processor.tokenizer.sp_model.encode("<ImageHere>")  # its text as sentencepiece pieces
     assert len(ids) == 1 + 1 + NUM_IMAGE_TOKENS + 1
     assert not any(ids[i : i + len(placeholder_ids)] == placeholder_ids for i in range(len(ids)))
 
@@ -218,10 +218,19 @@ def test_image_count_mismatch_names_both_counts():
     processor = make_processor()
     with pytest.raises(ValueError, match=r"2 <ImageHere> placeholders but 1 images"):
         processor("a<ImageHere>b<ImageHere>", images=[random_rgb()])
-    with pytest.raises(ValueError, match=r"0 <ImageHere> placeholders but 1 images"):
-        processor("no image here", images=[random_rgb()])
+    with pytest.raises(ValueError, match=r"0 <ImageHere> placeholders but 2 images"):  # which image goes where?
+        processor(["no image here", "nor here"], images=[random_rgb(), random_rgb()])
     with pytest.raises(ValueError, match=r"1 <ImageHere> placeholders but 0 images"):
         processor("one<ImageHere>")
+
+
+def test_a_prompt_without_placeholders_gets_one_per_image_in_front():
+    processor = make_processor()
+    images = [random_rgb(), random_rgb(seed=1)]
+    placed = processor("Compare them.", images=images)
+    explicit = processor("<ImageHere><ImageHere>Compare them.", images=images)
+    assert torch.equal(placed["input_ids"], explicit["input_ids"])
+    assert torch.equal(placed["pixel_values"], explicit["pixel_values"])
 
 
 def test_per_sample_image_count_mismatch_names_the_sample():
@@ -389,11 +398,15 @@ def test_save_then_autoprocessor_in_a_fresh_offline_process_gives_identical_outp
     # The auto_map entries point at the copied modules.
     processor_config = json.loads((folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_xcomposer.XComposerProcessor"
-    image_auto_map = processor_config["image_processor"]["auto_map"]
-    assert image_auto_map["AutoImageProcessor"] == "processing_xcomposer.XComposerImageProcessor"
+    # 5.x nests the image processor in processor_config.json; 4.x writes preprocessor_config.json
+    image_config = processor_config.get("image_processor") or json.loads((folder / "preprocessor_config.json").read_text())
+    assert image_config["auto_map"]["AutoImageProcessor"] == "processing_xcomposer.XComposerImageProcessor"
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "tokenization_internlm.InternLMTokenizer"
-    assert (folder / "chat_template.jinja").read_text() == processor.chat_template
+    # chat_template.jinja since 4.52, chat_template.json before
+    saved = folder / "chat_template.jinja"
+    template = saved.read_text() if saved.exists() else json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    assert template == processor.chat_template
     preprocessor_config = json.loads((image_folder / "preprocessor_config.json").read_text())
     assert preprocessor_config["auto_map"]["AutoImageProcessor"] == "processing_xcomposer.XComposerImageProcessor"
 
