@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configuration_xcomposer import XComposerConfig  # noqa: E402
+from transformers_compat import set_attn_implementation  # noqa: E402
 from modeling_xcomposer import PartialLoRALinear, XComposerForCausalLM  # noqa: E402
 
 SIZES = {
@@ -74,7 +75,7 @@ def upstream_partial_lora(self, x, image_rows=None):
 @contextlib.contextmanager
 def mode(model, name: str, attn: str):
     forward = PartialLoRALinear.forward
-    model.set_attn_implementation("eager" if name == "upstream" else attn)
+    set_attn_implementation(model, "eager" if name == "upstream" else attn)
     if name == "upstream":
         PartialLoRALinear.forward = upstream_partial_lora
     try:

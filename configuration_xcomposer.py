@@ -11,12 +11,11 @@ transformers release from 4.45 to 5.x accepts for remote code; sub-configs are b
 
 from transformers import PretrainedConfig
 
-# Importing transformers_compat checks the installed transformers release (an ImportError naming the range).
 try:  # as remote code, inside transformers' dynamic package
-    from .transformers_compat import OLDEST  # noqa: F401
+    from .transformers_compat import config_eq
 except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
     try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
-        from transformers_compat import OLDEST  # noqa: F401
+        from transformers_compat import config_eq
     except ImportError:
         raise
 
@@ -61,6 +60,7 @@ class XComposerVisionConfig(PretrainedConfig):
     "eva" is EVA-CLIP as built by BLIP-2 (conv bias, q_bias/v_bias only, exact GELU, ln_vision at the end)."""
 
     model_type = "xcomposer_vision"
+    __eq__ = config_eq
     base_config_key = "vision_config"
 
     def __init__(self, variant="clip", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -97,6 +97,7 @@ class XComposerQFormerConfig(PretrainedConfig):
     every `cross_attention_frequency`-th layer, starting at layer 0."""
 
     model_type = "xcomposer_qformer"
+    __eq__ = config_eq
     base_config_key = "qformer_config"
 
     def __init__(self, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -127,6 +128,7 @@ class XComposerTextConfig(PretrainedConfig):
     `lora_rank=0` means none (v1 after merging)."""
 
     model_type = "xcomposer_text"
+    __eq__ = config_eq
     base_config_key = "text_config"
 
     def __init__(self, vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -196,6 +198,7 @@ class XComposerConfig(PretrainedConfig):
     """
 
     model_type = "xcomposer"
+    __eq__ = config_eq
     # qformer_config is left out: it is None for v2, which 4.5x's to_diff_dict cannot take for a listed sub-config.
     sub_configs = {"vision_config": XComposerVisionConfig, "text_config": XComposerTextConfig}
 

@@ -120,14 +120,10 @@ def write_folder_files(folder, config: XComposerConfig, processor=None, **card) 
     write_generation_config(folder, config)
     if processor is not None:
         processor.save_pretrained(folder)
-        # Both spellings of the chat template: .jinja (transformers 4.52+) and .json (before)
-        with open(os.path.join(folder, "chat_template.json"), "w", encoding="utf-8") as f:
-            json.dump({"chat_template": processor.chat_template}, f, ensure_ascii=False, indent=2)
         with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(processor.chat_template)
-    # Its own file too: transformers 4.x reads the image processor from preprocessor_config.json.
-    image_processor = processor.image_processor if processor is not None else XComposerImageProcessor.for_model(config)
-    image_processor.save_pretrained(folder)
+            f.write(processor.chat_template)  # also on releases before 4.52, which write only the .json
+    else:  # a source without a tokenizer: the image processor alone
+        XComposerImageProcessor.for_model(config).save_pretrained(folder)
     copy_code_files(folder)  # last: the saves above copy the modules their classes came from
     write_model_card(folder, config, **card)
 

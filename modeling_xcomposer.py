@@ -32,6 +32,7 @@ try:  # as remote code, inside transformers' dynamic package
     from .transformers_compat import (
         CACHE_FIELD,
         GradientCheckpointingLayer,
+        cache_update,
         init,
         registered_attention,
         return_dict_default,
@@ -50,6 +51,7 @@ except ImportError:  # from a checkout, where scripts and tests import the flat 
         from transformers_compat import (
             CACHE_FIELD,
             GradientCheckpointingLayer,
+            cache_update,
             init,
             registered_attention,
             return_dict_default,
@@ -86,6 +88,9 @@ def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, d
 def attention_interface(config) -> Callable:
     """The kernel `config._attn_implementation` names: ours for eager and SDPA (the same on every release),
     transformers' registry for the rest (FlashAttention, flex attention, kernels users register)."""
+    # transformers 4.57+ lets model.set_attn_implementation switch a remote model only if this file mentions
+    # eager_attention_forward and ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation] (5.x:
+    # ALL_ATTENTION_FUNCTIONS.get_interface(): the registry lookup is in transformers_compat.registered_attention.
     name = config._attn_implementation
     if name in (None, "eager"):
         return eager_attention_forward
@@ -427,7 +432,7 @@ class Attention(nn.Module):
                                  bias=config.attention_bias)
 
     def forward(self, x, position_embeddings, attention_mask=None, cache=None, image_rows=None,
-                output_attentions=False, **kwargs):
+                output_attentions=False, cache_position=None, **kwargs):
         batch, length, _ = x.shape
         q, k, v = self.wqkv(x, image_rows).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
@@ -437,7 +442,7 @@ class Attention(nn.Module):
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache_update(cache, k, v, self.layer_idx, cache_position)
         dropout = self.config.attention_dropout if self.training else 0.0
         attend = eager_attention_forward if output_attentions else attention_interface(self.config)
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling, dropout=dropout, **kwargs)
@@ -668,7 +673,7 @@ class XComposerModel(XComposerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,  # generate's bookkeeping on 4.x: positions come from the cache
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> XComposerModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
@@ -705,6 +710,8 @@ class XComposerModel(XComposerPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        if cache_position is None:  # where a static cache (before transformers 5.5) writes these keys
+            cache_position = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
         if text_config.lora_scope == "all" or not text_config.lora_rank:
             image_rows = None  # plain LoRA (or none) does not look at image rows
 
@@ -712,7 +719,8 @@ class XComposerModel(XComposerPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         hidden, all_hidden, all_attentions = self.language_model(
             inputs_embeds, attention_mask, position_ids, past_length, cache, image_rows,
-            output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states), **kwargs)
+            output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
+            cache_position=cache_position, **kwargs)
         output = XComposerModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_attentions,
                                       image_hidden_states=image_features, **{CACHE_FIELD: cache if use_cache else None})
         return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
@@ -850,9 +858,14 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         capacity = static_cache_length(cache) if cache is not None else None
         if capacity is not None and (attention_mask is None or attention_mask.ndim == 2):
             attention_mask = causal_mask(attention_mask, length, past_length, capacity, device)
+        # Static caches before transformers 5.5 write at cache_position; generate passes it there, not after.
+        cache_position = kwargs.pop("cache_position", None)
+        if cache_position is None or cache_position.shape[0] != length:
+            cache_position = torch.arange(past_length, past_length + length, device=device)
         model_inputs.update(attention_mask=attention_mask, position_ids=position_ids, pixel_values=pixel_values,
-                            use_cache=use_cache, **{CACHE_FIELD: cache})
-        kwargs.pop("cache_position", None)
+                            use_cache=use_cache, cache_position=cache_position, **{CACHE_FIELD: cache})
+        kwargs.pop("next_sequence_length", None)
+        kwargs.pop("is_first_iteration", None)
         return {**kwargs, **model_inputs}
 
     @torch.no_grad()

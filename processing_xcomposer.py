@@ -9,6 +9,7 @@ style, and tokenizes the text between placeholders separately, BOS only at the s
 import base64
 import binascii
 import io
+import json
 import os
 import re
 import urllib.parse
@@ -313,6 +314,23 @@ class XComposerProcessor(ProcessorMixin):
             end_of_turn=END_OF_TURN[config.connector],
             chat_template=CHAT_TEMPLATES[config.connector],
         )
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """transformers' save, then in the layout every release reads: the image processor in its own
+        preprocessor_config.json (5.x nests it in processor_config.json, which 4.45-4.56 cannot read) and the
+        chat template also as chat_template.json (the only file releases before 4.52 read)."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "processor_config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        nested = config.pop("image_processor", None)
+        if nested is not None:
+            _write_json(os.path.join(save_directory, "preprocessor_config.json"),
+                        {**nested, "processor_class": type(self).__name__})
+            _write_json(path, config)
+        if self.chat_template is not None:
+            _write_json(os.path.join(save_directory, "chat_template.json"), {"chat_template": self.chat_template})
+        return result
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -639,3 +657,9 @@ def _longest_piece(tokenizer) -> int:
     if cached is None:
         cached = tokenizer.__dict__["_longest_piece"] = max(map(len, tokenizer.get_vocab()), default=1)
     return cached
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")

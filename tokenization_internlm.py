@@ -76,6 +76,13 @@ class InternLMTokenizer(PreTrainedTokenizer):
         self.control_tokens = [t for t in tokens if t in self.added_tokens_encoder or self.sp_model.piece_to_id(t) != unk]
         self.init_kwargs["control_tokens"] = list(self.control_tokens)
 
+    def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs) -> str:
+        # The same on every release: 4.x's own _decode puts spaces around added tokens that are not special.
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        text = self.convert_tokens_to_string(self.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens))
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return self.clean_up_tokenization(text) if clean else text
+
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         if skip_special_tokens and self.control_tokens and not isinstance(ids, int):
             control = {self.sp_model.piece_to_id(t) for t in self.control_tokens}

@@ -41,17 +41,30 @@ except ImportError:
         gradient_checkpointing = False
 
         def __call__(self, *args, **kwargs):
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
             return super().__call__(*args, **kwargs)
 
 try:  # 5.x: these skip tensors that were loaded from a checkpoint
     from transformers import initialization as init
 except ImportError:  # 4.x: from_pretrained only initialises what the checkpoint lacks, so torch's own are right
-    class init:  # noqa: N801 - a namespace standing in for the module
-        normal_ = staticmethod(torch.nn.init.normal_)
-        zeros_ = staticmethod(torch.nn.init.zeros_)
-        ones_ = staticmethod(torch.nn.init.ones_)
+    from torch.nn import init  # noqa: F401
+
+
+def config_eq(self, other) -> bool:
+    """Configs are equal when their attributes are. 5.5+ turns config classes into dataclasses whose generated
+    __eq__ compares only the base class's fields, so two of ours with different sizes compared equal; a class
+    that defines __eq__ in its body keeps it."""
+    return isinstance(other, type(self)) and self.__dict__ == other.__dict__
+
+
+def set_attn_implementation(model, name: str) -> None:
+    """Switch the attention kernel of a loaded model and all its towers (4.45-4.56 lack
+    model.set_attn_implementation; our modules read the choice from their config at every call)."""
+    config = model.config
+    for sub in (config, *(getattr(config, key, None) for key in ("vision_config", "qformer_config", "text_config"))):
+        if sub is not None:
+            sub._attn_implementation = name
 
 
 # --------------------------------------------------------------------------- attention kernels
@@ -85,6 +98,12 @@ def _flash_attention_2_before_registry(module, query, key, value, attention_mask
 
 
 # --------------------------------------------------------------------------- caches and outputs
+
+
+def cache_update(cache, key, value, layer_idx: int, cache_position):
+    """StaticCache before 5.5 writes at cache_kwargs["cache_position"]; growing caches and 5.5+ ignore it."""
+    return cache.update(key, value, layer_idx, {"cache_position": cache_position})
+
 
 # 5.24 renamed the cache in model inputs and outputs from past_key_values to cache.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
