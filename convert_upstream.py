@@ -318,9 +318,10 @@ def count_layers(shapes: dict, prefix: str) -> int:
     if not indices:
         raise ConversionError(f"no tensors under {prefix}*", [prefix])
     if max(indices) + 1 != len(indices):
-        absent = sorted(set(range(max(indices) + 1)) - indices)
+        absent = [i for i in range(len(indices)) if i not in indices]  # bounded by the tensors, not by an index
         raise ConversionError(f"layer indices under {prefix}* are not 0..{len(indices) - 1}: no tensors for "
-                              f"{absent[:10]}{' ...' if len(absent) > 10 else ''}", [prefix])
+                              f"{absent[:10]}, but some for {sorted(indices - set(range(len(indices))))[:10]}",
+                              [prefix])
     return len(indices)
 
 

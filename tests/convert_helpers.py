@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 
 import pytest
 import torch
@@ -92,8 +93,13 @@ def snapshot(folder) -> dict:
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             path = os.path.join(root, name)
             key = os.path.relpath(path, folder)
-            out[key] = (f"link -> {os.readlink(path)}" if os.path.islink(path)
-                        else hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest())
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                out[key] = f"link -> {os.readlink(path)}"
+            elif stat.S_ISREG(mode):
+                out[key] = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+            else:  # a FIFO or a device: never opened, it might block
+                out[key] = f"special file {stat.S_IFMT(mode):o}"
     return out
 
 
