@@ -496,8 +496,8 @@ def output_folder(dst, force: bool):
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:
             raise
-        raise ConversionError(f"cannot write {os.path.abspath(dst)}: {err.strerror or err}; nothing was left "
-                              f"behind", [str(dst)]) from None
+        raise ConversionError(f"cannot write {os.path.abspath(dst)}: {err.strerror or err}; no partial output "
+                              f"was left behind", [str(dst)]) from None
 
 
 @dataclasses.dataclass

@@ -21,8 +21,8 @@ import torch
 from transformers.activations import ACT2FN
 
 from checkpoint_io import (DEFAULT_SHARD_SIZE, Checkpoint, ConversionError, ConversionResult, Rules, ShapesOnly,
-                           ShardWriter, check_destination, key_table, output_folder, parse_dtype, parse_size, plan, planned_bytes,
-                           progress_bar, read_json, source_dtype, write_tensors)
+                           ShardWriter, check_destination, key_table, output_folder, parse_dtype, parse_size, plan,
+                           planned_bytes, progress_bar, read_json, source_dtype, write_tensors)
 from configuration_xcomposer import LORA_TARGETS, PRESETS, XComposerConfig
 from model_folder import write_folder_files
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed
