@@ -184,13 +184,13 @@ def write_with_finetune(tmp_path):
 
 
 def write_with_converter(tmp_path):
-    import convert_checkpoint
+    import convert_upstream
     from upstream_reference import make_upstream_state_dict, tiny_upstream_config, write_upstream_checkpoint
 
     config = tiny_upstream_config(2, torch_dtype="float32")
     write_upstream_checkpoint(tmp_path / "upstream", config, make_upstream_state_dict(config),
                               tokenizer_model_path=tiny_sp_path(2))
-    convert_checkpoint.convert_upstream(str(tmp_path / "upstream"), str(tmp_path / "converted"))
+    convert_upstream.convert_upstream(str(tmp_path / "upstream"), str(tmp_path / "converted"))
     return tmp_path / "converted"
 
 
