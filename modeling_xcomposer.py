@@ -589,11 +589,13 @@ class XComposerPreTrainedModel(PreTrainedModel):
         staging = tempfile.mkdtemp(prefix=".saving-", dir=save_directory)
         try:
             result = super().save_pretrained(staging, *args, max_shard_size=max_shard_size, **kwargs)
-            names = os.listdir(staging)
+            names, umask = os.listdir(staging), os.umask(0)
+            os.umask(umask)
             for name in sorted(names, key=lambda name: name == "config.json"):
                 if name == "config.json":
                     for stale in set(filter(_is_weight_file, os.listdir(save_directory))) - set(names):
                         os.remove(os.path.join(save_directory, stale))
+                os.chmod(os.path.join(staging, name), 0o666 & ~umask)  # safetensors writes 0600; files follow the umask
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
