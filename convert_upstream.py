@@ -28,6 +28,7 @@ from model_folder import write_folder_files
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed
 from processing_xcomposer import XComposerProcessor
 from tokenization_internlm import InternLMTokenizer
+from transformers_compat import DTYPE_ARG
 
 UPSTREAM_NAMES = {"perceive_sampler": "XComposer v1", "mlp2x_gelu": "XComposer2"}
 VT, PS, LM = "model.vision_tower.", "model.perceive_sampler.", "model.language_model."
@@ -543,7 +544,7 @@ def write_model_files(folder: str, config: XComposerConfig, tokenizer, dtype: to
         print("note: the source has no tokenizer.model, so the output has no tokenizer or processor", file=sys.stderr)
     config.text_config.eos_token_id = stop_ids(config, processor)
     config.architectures = ["XComposerForCausalLM"]
-    config.dtype = dtype
+    setattr(config, DTYPE_ARG, dtype)
     write_folder_files(folder, config, processor, description="Converted with this repository's convert_checkpoint.py; "
                        "numerics identical to the original checkpoint.")
 

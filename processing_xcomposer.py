@@ -59,21 +59,30 @@ _RENDER_CONTENT = (
     "{%- endmacro -%}\n"
 )
 
-# v2: `[UNUSED_TOKEN_146]{role}\n{content}[UNUSED_TOKEN_145]\n` per turn; the default system prompt
-# when no system message is given (one with empty content means no system turn).
-CHAT_TEMPLATE_V2 = _RENDER_CONTENT + (
-    "{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 -%}"
-    "{{- '[UNUSED_TOKEN_146]system\\n' + DEFAULT_SYSTEM + '[UNUSED_TOKEN_145]\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages if message['role'] == 'system' -%}"
-    "{%- set content = render(message['content']) -%}"
-    "{%- if content -%}{{- '[UNUSED_TOKEN_146]system\\n' + content + '[UNUSED_TOKEN_145]\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages if message['role'] != 'system' -%}"
-    "{{- '[UNUSED_TOKEN_146]' + message['role'] + '\\n' + render(message['content']) + '[UNUSED_TOKEN_145]\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '[UNUSED_TOKEN_146]assistant\\n' -}}{%- endif -%}"
-).replace("DEFAULT_SYSTEM", "'" + DEFAULT_SYSTEM_PROMPT_V2.replace("\n", "\\n") + "'")
+
+def _v2_template(default_system: str | None) -> str:
+    """v2 turns `[UNUSED_TOKEN_146]{role}\n{content}[UNUSED_TOKEN_145]\n`. Without a system message the prompt
+    gets `default_system` as its system turn, or none when it is None; a system message with empty content
+    means no system turn."""
+    default = "" if default_system is None else (
+        "{%- if messages | selectattr('role', 'equalto', 'system') | list | length == 0 -%}"
+        "{{- '[UNUSED_TOKEN_146]system\\n' + '" + default_system.replace("\n", "\\n") + "' + '[UNUSED_TOKEN_145]\\n' -}}"
+        "{%- endif -%}")
+    return _RENDER_CONTENT + default + (
+        "{%- for message in messages if message['role'] == 'system' -%}"
+        "{%- set content = render(message['content']) -%}"
+        "{%- if content -%}{{- '[UNUSED_TOKEN_146]system\\n' + content + '[UNUSED_TOKEN_145]\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{{- '[UNUSED_TOKEN_146]' + message['role'] + '\\n' + render(message['content']) + '[UNUSED_TOKEN_145]\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '[UNUSED_TOKEN_146]assistant\\n' -}}{%- endif -%}")
+
+
+# XComposer2's template adds its default system prompt; models trained without one (the embedded model,
+# XComposer-2.5, which sends a system turn only when asked) use the template without it.
+CHAT_TEMPLATE_V2 = _v2_template(DEFAULT_SYSTEM_PROMPT_V2)
+CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM = _v2_template(None)
 
 # v1: a user turn already ends with the bot prompt ` <|Bot|>:`, so add_generation_prompt adds
 # nothing; an assistant turn is `{content}<TOKENS_UNUSED_1>\n`; no default system prompt.

@@ -13,6 +13,7 @@ has, implementing its protocol (vocabulary, `_tokenize`, id <-> piece, pieces ->
 - A missing or corrupt model file is a clear error instead of a sentencepiece internal one.
 """
 
+import json
 import os
 import shutil
 
@@ -70,6 +71,24 @@ class InternLMTokenizer(PreTrainedTokenizer):
             _require_model_file(os.path.join(folder, subfolder, "tokenizer.model"), folder)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, with a tokenizer_config.json every release reads: 5.x writes the special added
+        tokens as a list under extra_special_tokens, which 4.5x reads as a dict and fails on (the older
+        additional_special_tokens key, which 5.x still reads, is used instead), and drops add_bos_token and
+        add_eos_token, which are written back."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "tokenizer_config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            if isinstance(config.get("extra_special_tokens"), list):
+                config["additional_special_tokens"] = config.pop("extra_special_tokens")
+            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+        return result
+
     def set_control_tokens(self, tokens) -> None:
         """Mark pieces as control tokens (saved with the tokenizer); pieces this vocabulary lacks are left out."""
         unk = self.sp_model.unk_id()
@@ -84,9 +103,12 @@ class InternLMTokenizer(PreTrainedTokenizer):
         return self.clean_up_tokenization(text) if clean else text
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
-        if skip_special_tokens and self.control_tokens and not isinstance(ids, int):
-            control = {self.sp_model.piece_to_id(t) for t in self.control_tokens}
-            ids = [i for i in ids if int(i) not in control]
+        if skip_special_tokens and not isinstance(ids, int):
+            # Dropped on every release: control tokens, and added tokens marked special (4.x skips only the
+            # named special tokens, 5.x all special added tokens)
+            skip = {self.sp_model.piece_to_id(t) for t in self.control_tokens}
+            skip |= {i for i, token in self.added_tokens_decoder.items() if token.special}
+            ids = [i for i in ids if int(i) not in skip]
         return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
 
     def __getstate__(self):  # the sp model does not pickle (DataLoader workers): rebuild it from its bytes

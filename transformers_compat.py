@@ -128,7 +128,8 @@ def _takes_layer_index(method) -> bool:
     return "layer_idx" in inspect.signature(method).parameters
 
 
-# from_pretrained's dtype argument: torch_dtype before 4.56, dtype since (5.x still takes torch_dtype, warning).
+# from_pretrained's dtype argument, and the config attribute saved as the weights' dtype: torch_dtype before
+# 4.56, dtype since (5.x still takes torch_dtype, with a warning).
 DTYPE_ARG = "dtype" if _installed >= version.parse("4.56.0") else "torch_dtype"
 
 
