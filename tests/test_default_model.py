@@ -1,5 +1,5 @@
-"""The embedded default model (default_model/, trained by `finetune.py --recipe tiny-synthetic`) loads as users
-load any checkpoint and answers questions about freshly drawn pictures."""
+"""The embedded default model (default_model/, trained by `python tiny_synthetic.py --output_dir default_model
+--link_code`) loads as users load any checkpoint and answers questions about freshly drawn pictures."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-import finetune
+import tiny_synthetic
 
 FOLDER = os.path.join(ROOT, "default_model")
 
@@ -26,7 +26,7 @@ def test_default_model_answers_fresh_pictures(default_model):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # decoding many tiny steps: one thread is the faster
     try:
-        result = finetune.evaluate_synthetic(model, processor, 200, seed=2024, image_size=56)
+        result = tiny_synthetic.evaluate(model, processor, 200, seed=2024, image_size=56)
     finally:
         torch.set_num_threads(threads)
     accuracy = result["accuracy"]
@@ -41,3 +41,4 @@ def test_demo_runs_and_prints_answers(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("XComposer2:") == 5 and (tmp_path / "demo_compare_1.png").exists()
+
