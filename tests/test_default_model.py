@@ -1,6 +1,7 @@
 """The embedded default model (default_model/, trained by `python tiny_synthetic.py --output_dir default_model
 --link_code`) loads as users load any checkpoint and answers questions about freshly drawn pictures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import tiny_synthetic
+from model_folder import CODE_FILES, check_model_folder
 
 FOLDER = os.path.join(ROOT, "default_model")
 
@@ -42,3 +44,13 @@ def test_demo_runs_and_prints_answers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("XComposer2:") == 5 and (tmp_path / "demo_compare_1.png").exists()
 
+
+def test_default_model_folder_links_the_code_and_is_complete():
+    assert check_model_folder(FOLDER) == []
+    for name in CODE_FILES:  # links, so the shipped model always loads with the repository's code
+        path = os.path.join(FOLDER, name)
+        assert os.path.islink(path) and os.readlink(path) == os.path.join("..", name), name
+    assert not os.path.lexists(os.path.join(FOLDER, "model_folder.py"))  # writer-side, not remote code
+    assert os.path.isfile(os.path.join(FOLDER, "preprocessor_config.json"))  # transformers 4.x reads this one
+    with open(os.path.join(FOLDER, "processor_config.json")) as f:
+        assert json.load(f)["end_of_turn"] == "[UNUSED_TOKEN_145]"
