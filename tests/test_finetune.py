@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -214,7 +215,10 @@ def test_two_process_ddp_with_text_only_and_image_batches(tmp_path):
     processor.save_pretrained(tmp_path / "model")
     data = write_data(tmp_path, mixed_records(tmp_path, 8))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: other checkouts may run this test at the same time
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                os.path.join(ROOT, "finetune.py"), "--model_name_or_path", str(tmp_path / "model"),
                "--data_path", data, "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
                "--per_device_train_batch_size", "1", "--use_cpu", "--ddp_backend", "gloo",
