@@ -38,6 +38,7 @@ def test_default_model_answers_fresh_pictures(default_model):
     assert accuracy["overall"] >= 0.95, accuracy
 
 
+@pytest.mark.slow
 def test_demo_runs_and_prints_answers(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--seed", "5", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -208,6 +208,7 @@ def test_lora_adapter_save_load_merge_gives_identical_logits(tmp_path):
 # --------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_text_only_and_image_batches(tmp_path):
     model = build_model(2)
     processor = make_processor(model)
