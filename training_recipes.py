@@ -2,9 +2,12 @@
 
 - Stage presets (`STAGE_PRESETS`): what each stage of InternLM-XComposer (2023) and XComposer2 (2024)
   trains, at which rates, with which optimizer and schedule. Every value can be overridden flag by flag.
-- Per-part optimisation: separate rates for the vision tower, the connector (perceive sampler or projector),
-  the LLM and the (Partial) LoRA adapters; layer-wise rate decay in the vision tower, the top block at the
-  vision rate; AdamW with the papers' betas and eps; linear warm-up from 0, then cosine to a floor.
+- The one partition of a model's parameters into what trains (`part_of`: the vision tower, the connector
+  (perceive sampler or projector), the LLM, the (Partial) LoRA adapters), `set_trainable` by part, and
+  `acts_on_images_only` (what a text-only batch leaves without gradients); finetune.py's switches use it too.
+- Per-part optimisation: separate rates for those four parts; layer-wise rate decay in the vision tower,
+  the top block at the vision rate; AdamW with the papers' betas and eps; linear warm-up from 0, then
+  cosine to a floor.
   `RecipeTrainer` builds these in Trainer's own `create_optimizer` / `create_scheduler`.
 - Data: `concat_sources` mixes several sources with a weight each, drawn by `WeightedSourceSampler`;
   `set_image_size` trains a stage at another resolution, interpolating the position embeddings.
@@ -19,7 +22,6 @@ Typical use (finetune.py wires it to its flags):
                             train_dataset=concat_sources(datasets, weights), ...)
 """
 
-import bisect
 import dataclasses
 import math
 import re
@@ -28,9 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from configuration_xcomposer import LORA_TARGETS
+
+# What trains, in four parts: the vision tower, the connector (perceive sampler / projector), the LLM
+# (decoder, embeddings, LM head) and the low-rank adapters (built-in (P)LoRA or PEFT's). See `part_of`.
 PARTS = ("vision", "connector", "llm", "lora")
 XCOMPOSER_2023 = "InternLM-XComposer (Zhang et al., 2023, arXiv:2309.15112)"
 XCOMPOSER_2024 = "InternLM-XComposer2 (Dong et al., 2024, arXiv:2401.16420)"
+GENERATIONS = {"perceive_sampler": "XComposer (v1)", "mlp2x_gelu": "XComposer2"}
 # Tokens and tables rather than weights: never decayed (BEiT/timm's no_weight_decay list, plus v1's queries).
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "query_tokens", "flag_image_start", "flag_image_end")
 # Frozen as upstream keeps them, whatever the stage.
@@ -38,7 +45,6 @@ ALWAYS_FROZEN = ("model.perceive_sampler.flag_image_start", "model.perceive_samp
 # Name segments that PEFT, DDP, FSDP and torch.compile put in front of the model's own parameter names.
 WRAPPER_PREFIX = re.compile(r"^(base_model\.model\.|module\.|_orig_mod\.|_fsdp_wrapped_module\.|"
                             r"_checkpoint_wrapped_module\.)+")
-ALL_LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")  # attention and feed-forward
 
 
 # --------------------------------------------------------------------------- presets
@@ -54,7 +60,7 @@ class StagePreset:
     name: str
     paper: str
     description: str
-    version: int | None = None  # 1: v1 (perceive sampler), 2: v2 (projector, Partial LoRA), None: either
+    connector: str | None = None  # the config.connector it suits ("perceive_sampler", "mlp2x_gelu"); None: either
     train_vision_tower: bool = False
     train_connector: bool = True
     train_llm: bool = True
@@ -103,7 +109,7 @@ class StagePreset:
 
     def summary(self) -> str:
         """One line with every number of the stage, as --help shows it."""
-        names = _part_names(self.version)
+        names = _part_names(self.connector)
         lrs = self.part_lrs()
         trained, frozen = [], []
         for part in PARTS:
@@ -118,7 +124,7 @@ class StagePreset:
             if part == "lora" and self.lora_rank is not None:
                 scope = "all rows" if self.lora_scope == "all" else "image rows"
                 text += (f" (rank {self.lora_rank}, alpha {_num(self.lora_alpha or self.lora_rank)}, on "
-                         f"{'/'.join(self.lora_targets or ALL_LORA_TARGETS)}, {scope})")
+                         f"{'/'.join(self.lora_targets or LORA_TARGETS)}, {scope})")
             trained.append(text)
         warmup = ("--warmup_steps" if self.warmup_steps is None else f"{_num(self.warmup_steps)} steps")
         parts = [f"trains {', '.join(trained)}", f"frozen: {', '.join(frozen) or 'nothing'}",
@@ -130,9 +136,9 @@ class StagePreset:
         return f"{self.name} [{self.paper}]: {self.description}. " + "; ".join(parts) + "."
 
 
-def _part_names(version: int | None) -> dict[str, str]:
-    connector = {1: "perceive sampler", 2: "projector"}.get(version, "connector")
-    lora = {1: "LoRA", 2: "Partial LoRA"}.get(version, "(P)LoRA")
+def _part_names(connector: str | None) -> dict[str, str]:
+    lora = {"perceive_sampler": "LoRA", "mlp2x_gelu": "Partial LoRA"}.get(connector, "(P)LoRA")
+    connector = {"perceive_sampler": "perceive sampler", "mlp2x_gelu": "projector"}.get(connector, "connector")
     return dict(vision="vision encoder", connector=connector, llm="LLM", lora=lora)
 
 
@@ -147,28 +153,28 @@ def _num(x: float) -> str:
 STAGE_PRESETS = {p.name: p for p in (
     StagePreset(
         "xcomposer-pretrain", XCOMPOSER_2023 + ", pre-training",
-        "vision encoder frozen, perceive sampler and LLM trained", version=1,
+        "vision encoder frozen, perceive sampler and LLM trained", connector="perceive_sampler",
         train_vision_tower=False, train_connector=True, train_llm=True, train_lora=False,
         learning_rate=2e-4, connector_lr=2e-4, llm_lr=4e-5, warmup_steps=200, min_lr=1e-5),
     StagePreset(
         "xcomposer-sft", XCOMPOSER_2023 + ", supervised fine-tuning",
-        "LLM frozen, LoRA on its attention and FFN, perceive sampler trained", version=1,
+        "LLM frozen, LoRA on its attention and FFN, perceive sampler trained", connector="perceive_sampler",
         train_vision_tower=False, train_connector=True, train_llm=False, train_lora=True,
         learning_rate=5e-5, lora_lr=5e-5, connector_lr=2e-5, lora_rank=256, lora_alpha=256.0, lora_scope="all",
-        lora_targets=ALL_LORA_TARGETS, warmup_steps=200, min_lr=1e-5),
+        lora_targets=LORA_TARGETS, warmup_steps=200, min_lr=1e-5),
     StagePreset(
         "xcomposer2-pretrain", XCOMPOSER_2024 + ", pre-training",
         "LLM frozen, vision encoder, projector and Partial LoRA trained (warm-up and floor not from the paper)",
-        version=2, train_vision_tower=True, train_connector=True, train_llm=False, train_lora=True,
+        connector="mlp2x_gelu", train_vision_tower=True, train_connector=True, train_llm=False, train_lora=True,
         learning_rate=2e-4, vision_layer_decay=0.9),
     StagePreset(
         "xcomposer2-sft", XCOMPOSER_2024 + ", supervised fine-tuning",
-        "everything trained, the LLM at a fixed scale (warm-up and floor not from the paper)", version=2,
-        train_vision_tower=True, train_connector=True, train_llm=True, train_lora=True,
+        "everything trained, the LLM at a fixed scale (warm-up and floor not from the paper)",
+        connector="mlp2x_gelu", train_vision_tower=True, train_connector=True, train_llm=True, train_lora=True,
         learning_rate=5e-5, vision_layer_decay=0.9, llm_lr_scale=0.2),
     StagePreset(
         "xcomposer2-sft-composition", XCOMPOSER_2024 + ", free-form composition fine-tuning",
-        "as xcomposer2-sft with images reduced to 224 px (16x16 = 256 image tokens)", version=2,
+        "as xcomposer2-sft with images reduced to 224 px (16x16 = 256 image tokens)", connector="mlp2x_gelu",
         train_vision_tower=True, train_connector=True, train_llm=True, train_lora=True,
         learning_rate=5e-5, vision_layer_decay=0.9, llm_lr_scale=0.2, image_size=224),
 )}
@@ -198,9 +204,6 @@ class RecipeArguments:
     llm_lr_scale: float | None = field(default=None, metadata={"help": "LLM rate = --learning_rate x this"})
     min_lr: float | None = field(default=None, metadata={
         "help": "cosine floor of the --learning_rate group; every group ends at the same fraction of its peak"})
-    builtin_lora_rank: int | None = field(default=None, metadata={
-        "help": "build the decoder's own LoRA adapters at this rank (the v1 SFT preset: 256)"})
-    builtin_lora_alpha: float | None = field(default=None, metadata={"help": "their alpha (v1 SFT: 256)"})
     image_size: int | None = field(default=None, metadata={
         "help": "train at this image size: position embeddings interpolated, image tokens follow"})
     source_weights: str | None = field(default=None, metadata={
@@ -264,14 +267,20 @@ def _scale_rates(recipe: StagePreset, factor: float) -> StagePreset:
 def recipe_from_args(recipe_args: RecipeArguments, training_args: TrainingArguments,
                      model_args=None) -> StagePreset | None:
     """`resolve_recipe` from parsed flags. `model_args` may carry finetune.py's train_vision_tower,
-    train_connector, train_llm, train_plora and use_lora. Declare the train_* switches `bool | None = None`
-    (None: the preset's) so that either value can override a preset; with bool defaults only a value other
-    than the default does. With PEFT LoRA (use_lora) the LLM's own weights stay frozen and the preset's
-    built-in adapters are not added (PEFT's lora_* weights take the LoRA rate)."""
+    train_connector, train_llm, train_plora, use_lora, lora_rank and lora_alpha. Declare the train_* switches
+    `bool | None = None` (None: the preset's) so that either value can override a preset; with bool defaults
+    only a value other than the default does. Without PEFT, lora_rank/lora_alpha build the decoder's own
+    adapters at that rank (as the v1 SFT preset does at 256). With PEFT LoRA (use_lora) they are PEFT's, the
+    LLM's own weights stay frozen and the preset's built-in adapters are not added (PEFT's lora_* weights
+    take the LoRA rate)."""
     r = recipe_args
+    use_lora = getattr(model_args, "use_lora", False)
     overrides = dict(vision_lr=r.vision_lr, connector_lr=r.connector_lr, llm_lr=r.llm_lr, lora_lr=r.lora_lr,
                      vision_layer_decay=r.vision_layer_decay, llm_lr_scale=r.llm_lr_scale, min_lr=r.min_lr,
-                     lora_rank=r.builtin_lora_rank, lora_alpha=r.builtin_lora_alpha, image_size=r.image_size)
+                     image_size=r.image_size)
+    if not use_lora:
+        overrides.update(lora_rank=getattr(model_args, "lora_rank", None),
+                         lora_alpha=getattr(model_args, "lora_alpha", None))
     defaults = {f.name: f.default for f in dataclasses.fields(model_args)} if model_args is not None else {}
     for name, key in (("train_vision_tower", "train_vision_tower"), ("train_connector", "train_connector"),
                       ("train_llm", "train_llm"), ("train_plora", "train_lora")):
@@ -279,7 +288,7 @@ def recipe_from_args(recipe_args: RecipeArguments, training_args: TrainingArgume
         # A None default means "the preset's"; with a bool default only a changed value counts as given.
         overrides[key] = None if value == defaults.get(name) else value
     recipe = resolve_recipe(r.stage, training_args, **overrides)
-    if recipe is not None and getattr(model_args, "use_lora", False):
+    if recipe is not None and use_lora:
         recipe = dataclasses.replace(recipe, train_llm=False, lora_rank=None)
     return recipe
 
@@ -311,32 +320,56 @@ def load_model_for_recipe(path, recipe: StagePreset | None = None, **kwargs):
 
 
 def part_of(name: str) -> str:
-    """'vision', 'connector', 'lora' or 'llm' (decoder, embeddings, LM head) for a parameter name."""
+    """'vision', 'connector', 'lora' or 'llm' (decoder, embeddings, LM head) for a parameter name, with or
+    without a wrapper's prefix (PEFT, DDP, FSDP, torch.compile)."""
     name = WRAPPER_PREFIX.sub("", name)
     if name.startswith("model.vision_tower."):
         return "vision"
     if name.startswith(("model.vision_proj.", "model.perceive_sampler.")):
         return "connector"
-    if re.search(r"\.(A|B)\.weight$", name) or ".lora_" in name:  # built-in (P)LoRA, PEFT's lora_A/lora_B
+    if is_builtin_adapter(name) or ".lora_" in name:  # built-in (P)LoRA, PEFT's lora_A/lora_B
         return "lora"
     return "llm"
 
 
-def apply_freezing(model, recipe: StagePreset) -> dict[str, int]:
-    """Train exactly the parts the recipe trains (v1's image flags always frozen); returns the number of
-    trainable parameters per part. Raises if the model does not fit the stage."""
-    version = 1 if model.config.connector == "perceive_sampler" else 2
-    if recipe.version not in (None, version):
-        raise ValueError(f"stage {recipe.name!r} is for XComposer v{recipe.version} models; this one is v{version}")
+def is_builtin_adapter(name: str) -> bool:
+    """The decoder's own (Partial) LoRA factors (`... .A.weight` / `... .B.weight`), not PEFT's."""
+    return re.search(r"\.(A|B)\.weight$", name) is not None
+
+
+def acts_on_images_only(model, name: str) -> bool:
+    """The vision tower, the connector and Partial LoRA (built-in adapters with lora_scope "image") see image
+    tokens only: a text-only batch leaves them without gradients."""
+    part = part_of(name)
+    return part in ("vision", "connector") or (
+        part == "lora" and is_builtin_adapter(name) and model.config.text_config.lora_scope == "image")
+
+
+def set_trainable(model, trains: dict[str, bool]) -> dict[str, int]:
+    """requires_grad by part (`trains` maps each of PARTS to a bool; v1's image start/end flags always stay
+    frozen, as upstream); returns the number of trainable parameters per part."""
+    missing = sorted(set(PARTS) - set(trains))
+    if missing:
+        raise ValueError(f"say whether {missing} train")
     counts = dict.fromkeys(PARTS, 0)
     for name, param in model.named_parameters():
         part = part_of(name)
-        trainable = recipe.trains(part) and WRAPPER_PREFIX.sub("", name) not in ALWAYS_FROZEN
+        trainable = bool(trains[part]) and WRAPPER_PREFIX.sub("", name) not in ALWAYS_FROZEN
         param.requires_grad_(trainable)
         counts[part] += param.numel() if trainable else 0
+    return counts
+
+
+def apply_freezing(model, recipe: StagePreset) -> dict[str, int]:
+    """Train exactly the parts the recipe trains (see `set_trainable`); returns the number of trainable
+    parameters per part. Raises if the model does not fit the stage."""
+    if recipe.connector not in (None, model.config.connector):
+        raise ValueError(f"stage {recipe.name!r} is for {GENERATIONS[recipe.connector]} models (connector "
+                         f"{recipe.connector!r}); this model's connector is {model.config.connector!r}")
+    counts = set_trainable(model, {part: recipe.trains(part) for part in PARTS})
     if recipe.train_lora and not any(part_of(n) == "lora" for n, _ in model.named_parameters()):
         raise ValueError(f"stage {recipe.name!r} trains LoRA adapters but the model has none; build it with "
-                         f"the recipe's config_overrides {recipe.config_overrides or '(set --builtin_lora_rank)'}")
+                         f"the recipe's config_overrides {recipe.config_overrides or '(set --lora_rank)'}")
     return counts
 
 
@@ -390,60 +423,38 @@ def create_optimizer(model, recipe: StagePreset, weight_decay: float = 0.0) -> t
     return torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=recipe.betas, eps=recipe.eps)
 
 
-def warmup_cosine_schedule(optimizer, num_warmup_steps: int, num_training_steps: int,
-                           floor_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 to each group's peak, then cosine to `floor_ratio` x peak. One factor for all
-    groups, so the groups keep their ratios (layer decay, LLM scale) throughout."""
-
-    def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return step / num_warmup_steps
-        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
-        return floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def warmup_steps_for(warmup: float, num_training_steps: int) -> int:
-    """TrainingArguments' rule: >= 1 is a step count, below 1 a fraction of training."""
-    return int(warmup) if warmup >= 1 else math.ceil(num_training_steps * warmup)
-
-
 class RecipeTrainer(Trainer):
-    """Trainer with a recipe's optimizer (per-part groups, AdamW) and schedule (warm-up, cosine to the
-    floor), and weighted sampling for a `concat_sources` dataset. With `recipe=None` it is a plain Trainer
-    (except the sampler). With a recipe, --optim and --lr_scheduler_type are not used; DeepSpeed configs
-    that define their own optimizer or scheduler take precedence, as for any Trainer."""
+    """Trainer with a recipe's optimizer (per-part groups, AdamW) and schedule (Trainer's own linear warm-up
+    from 0, then cosine to the floor: one factor for all groups, so they keep their ratios), and weighted
+    sampling for a `concat_sources` dataset. With `recipe=None` it is a plain Trainer (except the sampler).
+    With a recipe, --optim and --lr_scheduler_type are not used; DeepSpeed configs that define their own
+    optimizer or scheduler take precedence, as for any Trainer."""
 
     def __init__(self, *args, recipe: StagePreset | None = None, **kwargs):
         self.recipe = recipe
         super().__init__(*args, **kwargs)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, *model):  # Trainer passes the model since 5.5, nothing before
         if self.recipe is None:
-            return super().create_optimizer(model)
+            return super().create_optimizer(*model)
         if self.optimizer is None:
             weight_decay = self.recipe.weight_decay if self.recipe.weight_decay is not None else self.args.weight_decay
-            self.optimizer = create_optimizer(self.model if model is None else model, self.recipe, weight_decay)
+            self.optimizer = create_optimizer(model[0] if model else self.model, self.recipe, weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.recipe is None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            warmup = self.recipe.warmup_steps if self.recipe.warmup_steps is not None else self.args.warmup_steps
-            self.lr_scheduler = warmup_cosine_schedule(
-                optimizer or self.optimizer, warmup_steps_for(warmup, num_training_steps), num_training_steps,
-                self.recipe.min_lr / self.recipe.learning_rate)
-            self._created_lr_scheduler = True  # rebuilt on the next train(), as Trainer does with its own
-        return self.lr_scheduler
+        if self.recipe is not None:
+            self.args.lr_scheduler_type = "cosine_with_min_lr"
+            self.args.lr_scheduler_kwargs = {"min_lr_rate": self.recipe.min_lr / self.recipe.learning_rate}
+            if self.recipe.warmup_steps is not None:  # >= 1: steps, below 1: a fraction of training
+                self.args.warmup_steps = self.recipe.warmup_steps
+        return super().create_scheduler(num_training_steps, optimizer)
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if isinstance(dataset, SourceMix):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return dataset.sampler(seed=seed)
-        return super()._get_train_sampler(train_dataset)
+    def _get_train_sampler(self, *dataset):  # Trainer's sampler hook; it passes the dataset since 4.57
+        source = dataset[0] if dataset else self.train_dataset
+        if isinstance(source, SourceMix):
+            return source.sampler(seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(*dataset)
 
 
 # --------------------------------------------------------------------------- data: weighted sources
@@ -501,9 +512,6 @@ class SourceMix(torch.utils.data.ConcatDataset):
     @property
     def num_text_only(self) -> int:
         return sum(getattr(d, "num_text_only", 0) for d in self.datasets)
-
-    def source_of(self, index: int) -> int:
-        return bisect.bisect_right(self.cumulative_sizes, index)
 
     def sampler(self, seed: int = 0, num_samples: int | None = None) -> WeightedSourceSampler:
         return WeightedSourceSampler([len(d) for d in self.datasets], self.source_weights, num_samples, seed)

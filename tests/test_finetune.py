@@ -2,17 +2,21 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, build_model, randomize_adapters
+from conftest import ROOT, build_model
 from PIL import Image
 from tiny_sp import tiny_sp_path
 
 import finetune
+import training_recipes as tr
+from configuration_xcomposer import LORA_TARGETS
 from processing_xcomposer import XComposerProcessor
 from tokenization_internlm import InternLMTokenizer
 
@@ -111,7 +115,7 @@ def test_a_few_steps_lower_the_loss(version, tmp_path):
     torch.manual_seed(0)
     model = build_model(version).train()
     processor = make_processor(model)
-    finetune.set_trainable(model, train_vision_tower=True)
+    finetune.apply_switches(model, finetune.ModelArguments(train_vision_tower=True))
     dataset = finetune.ConversationDataset(mixed_records(tmp_path, 4), finetune.ChatEncoder(
         processor, system=""), max_length=256, image_folder=str(tmp_path))
     batch = finetune.DataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
@@ -128,13 +132,16 @@ def test_a_few_steps_lower_the_loss(version, tmp_path):
 
 def test_freeze_switches_choose_what_trains():
     model = build_model(2)
-    finetune.set_trainable(model, train_vision_tower=False, train_connector=True, train_llm=False, train_plora=True)
+    counts = finetune.apply_switches(model, finetune.ModelArguments(train_llm=False))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("model.vision_proj.") or finetune.is_plora(n) for n in trainable)
-    assert any(finetune.is_plora(n) for n in trainable)
-    assert finetune.image_only_parameters_trainable(model)
-    finetune.set_trainable(model, train_connector=False, train_llm=True, train_plora=False)
-    assert not finetune.image_only_parameters_trainable(model)
+    assert trainable and all(n.startswith("model.vision_proj.") or n.endswith((".A.weight", ".B.weight"))
+                             for n in trainable)
+    assert counts["vision"] == counts["llm"] == 0 < counts["lora"] and counts["connector"] > 0
+    assert finetune.image_only_parameters_trainable(model) and not finetune.text_rows_trainable(model)
+    finetune.apply_switches(model, finetune.ModelArguments(train_connector=False, train_plora=False))
+    assert not finetune.image_only_parameters_trainable(model) and finetune.text_rows_trainable(model)
+    finetune.apply_switches(model, finetune.ModelArguments(use_lora=True))  # PEFT LoRA replaces the LLM's own
+    assert not any(p.requires_grad for n, p in model.named_parameters() if tr.part_of(n) == "llm")
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -142,8 +149,8 @@ def test_freeze_switches_choose_what_trains():
 
 def lora_model(seed=0):
     model = build_model(2, seed=seed).float()
-    finetune.set_trainable(model, train_connector=True, train_llm=False, train_plora=True)
-    model = finetune.apply_lora(model, finetune.ModelArguments(use_lora=True, lora_r=4, lora_alpha=8,
+    finetune.apply_switches(model, finetune.ModelArguments(use_lora=True))
+    model = finetune.apply_lora(model, finetune.ModelArguments(use_lora=True, lora_rank=4, lora_alpha=8,
                                                                 lora_dropout=0.0))
     return model
 
@@ -157,7 +164,8 @@ def test_lora_targets_only_decoder_linears_and_keeps_partial_lora_active():
     model = lora_model()
     names = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
     assert names and all(".language_model.layers." in n for n in names)
-    assert {n.split(".")[-2] for n in names} == {"wqkv", "wo", "w1", "w2", "w3"}
+    assert {n.split(".")[-2] for n in names} == set(LORA_TARGETS)  # derived from the config's list
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 8
     base = build_model(2).float()
     processor = make_processor(base)
     batch = image_batch(base, processor)
@@ -188,7 +196,7 @@ def test_lora_adapter_save_load_merge_gives_identical_logits(tmp_path):
     reloaded, _ = finetune.load_model_and_processor(str(tmp_path / "base"), dtype=torch.float32)
     finetune.load_non_lora_trainables(reloaded, str(adapter))
     reloaded = PeftModel.from_pretrained(reloaded, adapter).eval()
-    finetune.main(["--model_name_or_path", str(tmp_path / "base"), "--merge_lora", str(adapter),
+    finetune.main(["--model_name_or_path", str(tmp_path / "base"), "--merge_adapter", str(adapter),
                    "--output_dir", str(tmp_path / "merged")])
     merged, _ = finetune.load_model_and_processor(str(tmp_path / "merged"), dtype=torch.float32)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
@@ -200,6 +208,7 @@ def test_lora_adapter_save_load_merge_gives_identical_logits(tmp_path):
 # --------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_text_only_and_image_batches(tmp_path):
     model = build_model(2)
     processor = make_processor(model)
@@ -207,7 +216,10 @@ def test_two_process_ddp_with_text_only_and_image_batches(tmp_path):
     processor.save_pretrained(tmp_path / "model")
     data = write_data(tmp_path, mixed_records(tmp_path, 8))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: other checkouts may run this test at the same time
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                os.path.join(ROOT, "finetune.py"), "--model_name_or_path", str(tmp_path / "model"),
                "--data_path", data, "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
                "--per_device_train_batch_size", "1", "--use_cpu", "--ddp_backend", "gloo",
@@ -221,8 +233,17 @@ def test_two_process_ddp_with_text_only_and_image_batches(tmp_path):
 # --------------------------------------------------------------------------- bad data
 
 
+def write_corrupt_image(path):
+    with open(path, "wb") as f:  # a PNG signature, then garbage: exists, has the right name, is not an image
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    return os.path.basename(path)
+
+
 @pytest.mark.parametrize("problem, message", [
     ("missing_image", "image file not found"),
+    ("corrupt_image", "cannot read image file"),
+    ("image_not_a_path", "an image must be a file path, got 5"),
+    ("turn_not_an_object", "turn 0 is not an object: 'hello'"),
     ("more_placeholders", "more placeholders than images"),
     ("too_long", "longer than max_length"),
     ("empty", "empty conversation"),
@@ -235,6 +256,12 @@ def test_bad_samples_name_the_sample_or_are_skipped_with_a_count(problem, messag
            "conversations": [{"from": "user", "value": "<ImageHere>hi"}, {"from": "assistant", "value": "ok"}]}
     if problem == "missing_image":
         bad["image"] = ["nowhere.png"]
+    elif problem == "corrupt_image":
+        bad["image"] = [write_corrupt_image(tmp_path / "corrupt.png")]
+    elif problem == "image_not_a_path":
+        bad["image"] = [5]
+    elif problem == "turn_not_an_object":
+        bad["conversations"] = ["hello"]
     elif problem == "more_placeholders":
         bad["conversations"][0]["value"] = "<ImageHere><ImageHere>hi"
     elif problem == "too_long":
@@ -243,16 +270,85 @@ def test_bad_samples_name_the_sample_or_are_skipped_with_a_count(problem, messag
         bad["conversations"] = []
     records = [*good, bad]
     encoder = finetune.ChatEncoder(processor, system="")
-    with pytest.raises(ValueError, match=f"sample bad-one: .*{message}"):
+    with pytest.raises(finetune.BadSample, match=f"^sample bad-one: .*{message}"):
         finetune.ConversationDataset(records, encoder, 256, str(tmp_path))
     logs = []
     dataset = finetune.ConversationDataset(records, encoder, 256, str(tmp_path), skip_bad_samples=True,
                                            log=logs.append)
     assert len(dataset) == 2 and dataset.skipped == 1
-    assert any("skipped 1 bad samples" in line for line in logs)
+    assert logs[0].startswith("skipping bad sample: sample bad-one: ") and message in logs[0]
+    assert logs[-1] == "skipped 1 bad samples of 3 (--skip_bad_samples)"
+    assert all(item["input_ids"] for item in dataset)  # what is kept loads
     del bad["id"]  # without an id, the sample is named by its index
-    with pytest.raises(ValueError, match="sample 2: "):
+    with pytest.raises(finetune.BadSample, match="^sample 2: "):
         finetune.ConversationDataset(records, encoder, 256, str(tmp_path))
+
+
+def test_a_malformed_jsonl_line_names_its_file_and_line_and_can_be_skipped(tmp_path):
+    model = build_model(2)
+    processor = make_processor(model)
+    path = write_data(tmp_path, mixed_records(tmp_path, 2))
+    with open(path, "a") as f:
+        f.write('{"id": "cut", "conversations": [{"from": "user"\n')  # line 3, cut short
+    records = finetune.load_records(path)
+    assert len(records) == 3
+    encoder = finetune.ChatEncoder(processor, system="")
+    with pytest.raises(finetune.BadSample, match=rf"^{path} line 3: not valid JSON \("):
+        finetune.ConversationDataset(records, encoder, 256, str(tmp_path))
+    logs = []
+    dataset = finetune.ConversationDataset(records, encoder, 256, str(tmp_path), skip_bad_samples=True,
+                                           log=logs.append)
+    assert len(dataset) == 2 and dataset.skipped == 1 and logs[0].startswith(f"skipping bad sample: {path} line 3")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": 1},')
+    with pytest.raises(ValueError, match=f"^{broken}: not valid JSON"):
+        finetune.load_records(str(broken))
+
+
+def test_image_paths_outside_the_data_folder_are_used_with_a_warning(tmp_path):
+    model = build_model(2)
+    processor = make_processor(model)
+    data_folder, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_folder.mkdir()
+    elsewhere.mkdir()
+    inside = write_image(data_folder / "in.png")
+    write_image(elsewhere / "out.png")
+
+    def record(name, image):
+        return {"id": name, "image": [image], "conversations": [
+            {"from": "user", "value": "<ImageHere>hi"}, {"from": "assistant", "value": "ok"}]}
+
+    encoder = finetune.ChatEncoder(processor, system="")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # paths inside the folder: no warning
+        finetune.ConversationDataset([record("in", inside)], encoder, 256, str(data_folder))
+    absolute, parent = str(elsewhere / "out.png"), os.path.join("..", "elsewhere", "out.png")
+    records = [record("in", inside), record("abs", absolute), record("up", parent)]
+    with pytest.warns(UserWarning) as caught:
+        dataset = finetune.ConversationDataset(records, encoder, 256, str(data_folder))
+    assert len(dataset) == 3 and dataset[1]["pixel_values"].shape == dataset[2]["pixel_values"].shape
+    assert [str(w.message) for w in caught] == [
+        f"2 image paths lead outside the image folder {data_folder} and are used as given: "
+        f"sample abs: {absolute}; sample up: {parent}"]
+
+
+def test_a_bad_image_fails_before_the_first_step_or_is_skipped(tmp_path):
+    model = build_model(2)
+    processor = make_processor(model)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    records = mixed_records(tmp_path, 4)
+    records[0]["image"] = [write_corrupt_image(tmp_path / "corrupt.png")]
+    data = write_data(tmp_path, records)
+    command = ["--model_name_or_path", str(tmp_path / "model"), "--data_path", data, "--max_steps", "1",
+               "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+               "--disable_tqdm", "True", "--system", ""]
+    with pytest.raises(finetune.BadSample, match="^sample img-0: cannot read image file .*corrupt.png"):
+        finetune.main([*command, "--output_dir", str(tmp_path / "failed")])
+    assert not (tmp_path / "failed").exists()  # no trainer, no step, nothing written
+    trainer = finetune.main([*command, "--output_dir", str(tmp_path / "out"), "--skip_bad_samples", "True"])
+    assert trainer.state.global_step == 1 and trainer.train_dataset.skipped == 1 and len(trainer.train_dataset) == 3
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 # --------------------------------------------------------------------------- the papers' recipes
@@ -280,7 +376,7 @@ def test_stage_preset_weighted_sources_and_resolution_through_the_cli(tmp_path):
     decoder_weight = trainer.model.model.language_model.layers[0].attention.wqkv.weight
     assert id(decoder_weight) not in trained and not decoder_weight.requires_grad  # 2024 pre-training: LLM frozen
     assert any(g.get("part") == "vision" for g in groups) and isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
-    assert type(trainer._get_train_sampler()).__name__ == "WeightedSourceSampler"
+    assert isinstance(trainer.train_dataset, tr.SourceMix) and trainer.train_dataset.source_weights == [3.0, 1.0]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["vision_config"]["image_size"] == 56
     out = finetune.load_model_and_processor(str(tmp_path / "out"))[0]

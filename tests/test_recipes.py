@@ -44,7 +44,12 @@ def training_args(tmp_path, **kwargs):
 
 def model_for(recipe):
     """A tiny model of the preset's generation, built with its config overrides (at tiny LoRA rank)."""
-    return build_model(recipe.version or 2, **recipe.config_overrides)
+    return build_model(1 if recipe.connector == "perceive_sampler" else 2, **recipe.config_overrides)
+
+
+def paper_style(rate):
+    """2e-4, as the papers and --help write a rate."""
+    return f"{rate:.0e}".replace("e-0", "e-")
 
 
 def recipe_trainer(tmp_path, stage, steps=400, **args):
@@ -82,7 +87,7 @@ def test_help_documents_every_preset_with_its_numbers_and_paper():
         assert squeeze(summary) in text
         assert ("arXiv:2309.15112" if spec["version"] == 1 else "arXiv:2401.16420") in summary
         for lr in spec["lrs"].values():
-            assert tr._num(lr) in summary
+            assert f"at {paper_style(lr)}" in summary
     for phrase in ("perceive sampler at 2e-4, LLM at 4e-5", "warm-up 200 steps, cosine to 1e-5",
                    "rank 256, alpha 256", "layer-wise decay 0.9", "LLM at 1e-5 (scale 0.2",
                    "betas (0.9, 0.95) eps 1e-8", "images at 224 px"):
@@ -153,7 +158,8 @@ def test_v1_preset_keeps_its_own_warmup_when_the_flag_is_left_at_its_default(tmp
 
 
 def test_stage_does_not_fit_the_other_generation():
-    with pytest.raises(ValueError, match="for XComposer v1"):
+    with pytest.raises(ValueError, match=r"for XComposer \(v1\) models \(connector 'perceive_sampler'\); this "
+                                         r"model's connector is 'mlp2x_gelu'"):
         tr.apply_freezing(build_model(2), tr.STAGE_PRESETS["xcomposer-pretrain"])
 
 
@@ -214,13 +220,16 @@ def test_recipe_from_parsed_flags_and_peft_lora():
         train_vision_tower: bool | None = None
         train_llm: bool | None = None
         use_lora: bool = False
+        lora_rank: int | None = None
 
     parser = HfArgumentParser((tr.RecipeArguments, ModelArgs, TrainingArguments))
     rargs, margs, targs = parser.parse_args_into_dataclasses(
         ["--stage", "xcomposer-sft", "--connector_lr", "3e-5", "--output_dir", "unused", "--report_to", "none"])
     recipe = tr.recipe_from_args(rargs, targs, margs)
     assert recipe.part_lrs()["connector"] == 3e-5 and recipe.config_overrides["lora_rank"] == 256
-    margs.use_lora, margs.train_vision_tower = True, True
+    margs.lora_rank = 64  # without PEFT: the rank of the decoder's own adapters
+    assert tr.recipe_from_args(rargs, targs, margs).config_overrides["lora_rank"] == 64
+    margs.use_lora, margs.train_vision_tower = True, True  # with PEFT: its rank, no built-in adapters
     recipe = tr.recipe_from_args(rargs, targs, margs)
     assert recipe.config_overrides == {} and not recipe.train_llm and recipe.train_vision_tower
 
@@ -274,7 +283,6 @@ def test_recipe_trainer_trains_a_preset_through_trainer(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = tr.concat_sources([Samples(model.config, 6, 0), Samples(model.config, 2, 1)], "3,1")
     trainer = tr.RecipeTrainer(model=model, args=targs, recipe=recipe, train_dataset=data, data_collator=collate)
-    assert isinstance(trainer._get_train_sampler(), tr.WeightedSourceSampler)
     result = trainer.train()
     assert math.isfinite(result.training_loss)
 
@@ -321,7 +329,25 @@ def test_zero_weight_source_is_never_drawn_and_bad_weights_fail():
         tr.concat_sources([[1], [2], [3]], "1,2")
     mix = tr.concat_sources([[1, 2], [3]])
     assert len(mix) == 3 and mix.source_weights == [1.0, 1.0] and mix.num_text_only == 0
-    assert len(mix.sampler()) == 3 and mix.source_of(2) == 1
+    assert len(mix.sampler()) == 3 and mix[2] == 3
+
+
+def drawn_items(trainer):
+    return [i for batch in trainer.get_train_dataloader() for i in batch["item"].tolist()]
+
+
+def item_collate(features):
+    return {"item": torch.tensor(features)}
+
+
+def test_the_trainer_draws_a_source_mix_by_its_weights(tmp_path):
+    small, large = list(range(100)), list(range(1000, 1400))  # 20 % of the items, 75 % of the draws
+    targs = training_args(tmp_path, per_device_train_batch_size=50, remove_unused_columns=False, seed=3)
+    trainer = tr.RecipeTrainer(model=build_model(2), args=targs, train_dataset=tr.concat_sources([small, large], "3,1"),
+                               data_collator=item_collate)
+    drawn = drawn_items(trainer)
+    assert len(drawn) == 500 and abs(sum(i < 1000 for i in drawn) / 500 - 0.75) < 0.06  # std 0.019
+    assert drawn == drawn_items(trainer)  # deterministic for the seed
 
 
 # --------------------------------------------------------------------------- image size
@@ -361,4 +387,8 @@ def test_without_a_recipe_it_is_a_plain_trainer(tmp_path):
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     assert len(trainer.optimizer.param_groups) == 2  # Trainer's own: decay and no decay
     assert type(trainer.lr_scheduler).__name__ == "LambdaLR" and "part" not in trainer.optimizer.param_groups[0]
-    assert trainer._get_train_sampler(list(range(4))) is not None  # Trainer's random sampler
+    trainer = tr.RecipeTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=5,
+                                                               remove_unused_columns=False),
+                               train_dataset=list(range(20)), data_collator=item_collate)
+    drawn = drawn_items(trainer)
+    assert sorted(drawn) == list(range(20)) and drawn != list(range(20))  # Trainer's own shuffled epoch

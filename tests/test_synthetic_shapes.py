@@ -1,11 +1,11 @@
-"""The synthetic-shapes generator: answers agree with the drawn scenes, and drawing is deterministic."""
+"""tiny_synthetic.py's pictures and questions: answers agree with the drawn scenes, drawing is deterministic."""
 
 import random
 
 import numpy as np
 import pytest
 
-import synthetic_shapes as ss
+import tiny_synthetic as ss
 
 
 @pytest.mark.parametrize("kind", ss.KINDS)
