@@ -27,6 +27,7 @@ import io
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ if __name__ == "__main__":
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 from transformers import (AutoModelForCausalLM, AutoProcessor, HfArgumentParser, PrinterCallback, ProgressCallback,
                           TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup, set_seed)
 
@@ -45,7 +47,7 @@ from configuration_xcomposer import XComposerConfig
 from finetune import ChatEncoder, build_trainer
 from model_folder import CODE_FILES, save_model_folder
 from modeling_xcomposer import XComposerForCausalLM
-from processing_xcomposer import END_OF_TURN, IMAGE_PLACEHOLDER, XComposerProcessor
+from processing_xcomposer import CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM, END_OF_TURN, IMAGE_PLACEHOLDER, XComposerProcessor
 from tokenization_internlm import InternLMTokenizer
 from training_recipes import PARTS, set_trainable
 
@@ -296,7 +298,7 @@ def evaluate(model, processor, num_samples: int, seed: int, image_size: int, kin
     """Greedy generation through model.chat on freshly drawn pictures of `kinds` (in turn); accuracy overall
     and per kind, and the number of questions of each kind."""
     correct, total = {}, {}
-    for index in range(num_samples):
+    for index in tqdm(range(num_samples), desc="evaluating", file=sys.stderr, disable=None):  # a bar on a terminal
         sample = sample_at(seed, index, image_size, kinds[index % len(kinds)])
         response, _ = model.chat(processor, sample["question"], images=sample["images"], system="",
                                  max_new_tokens=8)  # "triangle" is 5 pieces of the recipe's tokenizer
@@ -374,6 +376,7 @@ def run(recipe: Recipe, log=print) -> dict:
             model.model.vision_tower.embeddings.pos_embed.copy_(
                 sincos_position_table(vision.image_size // vision.patch_size, vision.hidden_size))
         processor = XComposerProcessor.for_model(config, tokenizer)
+        processor.chat_template = CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM  # it is trained without a system prompt
         set_trainable(model, dict.fromkeys(PARTS, True))
         log(f"tiny-synthetic: vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"parameters, {config.num_image_tokens} image tokens per picture", flush=True)
