@@ -35,6 +35,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [2, 1], ids=["v2", "v1"])
 def test_saved_folder_loads_offline_in_a_fresh_process_with_identical_logits(tmp_path, version):
     model = build_model(version)

@@ -1,5 +1,6 @@
 """benchmark.py runs and compares like with like: both modes compute the same numbers."""
 
+import json
 import math
 
 import torch
@@ -29,4 +30,11 @@ def test_benchmark_prints_every_figure_for_both_modes(capsys):
             row = results[f"{mode}/{prompt}"]
             assert set(row) == {"prompt_tokens", "prefill_ms", "ttft_ms", "decode_tok_s", "batch2_decode_tok_s",
                                 "peak_memory_gb"}
-            assert all(math.isfinite(v) and v > 0 for v in row.values())
+            assert all(math.isfinite(v) and v > 0 for v in row.values())  # timings: only that they were taken
+    # What does not depend on the machine: the prompts' lengths, the memory that holds the weights, the JSON line.
+    per_image = 16  # the tiny size's 56 px / 14 px patches
+    assert [results[f"ours/{p}"]["prompt_tokens"] for p in ("one_image_64_text", "text_heavy", "image_heavy")] == [
+        1 + 64 + per_image, 1 + 64 + per_image, 1 + 16 + 4 * per_image]
+    assert results["ours/one_image_64_text"]["peak_memory_gb"] * 2**30 >= results["parameters_b"] * 1e9 * 4
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["ours/text_heavy"] == results["ours/text_heavy"] and printed["size"] == "tiny"

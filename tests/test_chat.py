@@ -25,16 +25,34 @@ class Collector(TextStreamer):
         self.text += text
 
 
+def argmax_decode(model, processor, inputs, steps: int) -> list[int]:
+    """Greedy decoding written out: the full forward again at every step, the argmax, stop at a stop id."""
+    ids, stop, new = inputs["input_ids"], processor.stop_token_ids, []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, pixel_values=inputs.get("pixel_values"), use_cache=False).logits
+            token = int(logits[0, -1].argmax())
+            if token in stop:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
 def test_chat_is_greedy_and_streams_the_same_text(version):
     model, tokenizer = setup(version)
+    processor = XComposerProcessor.for_model(model.config, tokenizer)
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     streamer = Collector(tokenizer)
-    first, history = model.chat(tokenizer, "What colour is it?", images=image, system="", max_new_tokens=8,
-                                streamer=streamer)
-    again, _ = model.chat(tokenizer, "What colour is it?", images=image, system="", max_new_tokens=8)
-    assert first == again and first
-    assert streamer.text.startswith(first)
-    assert history == [("<ImageHere>What colour is it?", first, [image])]
+    response, history = model.chat(processor, "What colour is it?", images=image, system="", max_new_tokens=8,
+                                   streamer=streamer)
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "<ImageHere>What colour is it?"}]
+    inputs = processor.apply_chat_template(messages, images=[image], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)
+    assert response and response == tokenizer.decode(argmax_decode(model, processor, inputs, 8),
+                                                     skip_special_tokens=True)
+    assert streamer.text.startswith(response)
+    assert history == [("<ImageHere>What colour is it?", response, [image])]
 
 
 def test_chat_prompt_follows_the_chat_format_and_matches_generate(version):
@@ -76,13 +94,17 @@ def test_chat_history_keeps_earlier_images_in_context(version):
     assert seen == [1] and len(history) == 2
 
 
-def test_chat_sampling_is_reproducible_with_a_seed():
+def test_chat_sampling_samples_and_is_reproducible_with_a_seed():
     model, tokenizer = setup(2)
-    torch.manual_seed(3)
-    a, _ = model.chat(tokenizer, "Hi", system="", max_new_tokens=8, do_sample=True, top_p=0.8)
-    torch.manual_seed(3)
-    b, _ = model.chat(tokenizer, "Hi", system="", max_new_tokens=8, do_sample=True, top_p=0.8)
-    assert a == b
+    greedy, _ = model.chat(tokenizer, "Hi", system="", max_new_tokens=8)
+
+    def sampled(seed):
+        torch.manual_seed(seed)
+        return model.chat(tokenizer, "Hi", system="", max_new_tokens=8, do_sample=True, temperature=1.5)[0]
+
+    answers = [sampled(seed) for seed in range(6)]
+    assert sampled(3) == answers[3]  # the same seed, the same answer
+    assert len(set(answers)) > 1 and any(a != greedy for a in answers)  # do_sample is not ignored
 
 
 def test_chat_with_too_few_images_for_its_placeholders_is_a_clear_error():

@@ -111,6 +111,7 @@ torch.save({"logits": logits, "module": type(model).__module__, "processor": typ
 """
 
 
+@pytest.mark.slow
 def test_cli_output_loads_through_auto_classes_offline(tmp_path):
     config, sd = write_upstream(tmp_path / "upstream", 2, seed=5)
     ids, pixels = text_ids(5), images(1)

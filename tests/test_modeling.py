@@ -338,6 +338,7 @@ def test_half_precision_runs_and_stays_close_to_fp32(version, dtype):
     torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_static_cache_decode_compiles_fullgraph_and_matches_dynamic_cache():
     from transformers import CompileConfig
 

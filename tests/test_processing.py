@@ -385,6 +385,7 @@ torch.save(
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
 def test_save_then_autoprocessor_in_a_fresh_offline_process_gives_identical_outputs(tmp_path, version):
     processor = make_processor(version, image_size=28)

@@ -51,6 +51,7 @@ def test_model_card_metadata_parses(folder):
     assert card.data.license == "other" and "xcomposer2" in card.data.tags
 
 
+@pytest.mark.slow
 def test_model_card_snippet_runs_offline(folder, tmp_path):
     text = (folder / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1).replace("someone/tiny-xcomposer2", str(folder))
@@ -151,6 +152,7 @@ def test_a_refused_connection_is_one_clear_line(folder, tmp_path):
                         done.stderr), done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.slow  # a fresh process
 def test_upload_offline_fails_cleanly_without_a_traceback(folder, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "push_to_hub.py"), str(folder), "someone/repo"],
@@ -194,6 +196,7 @@ def write_with_converter(tmp_path):
     return tmp_path / "converted"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", [write_with_finetune, write_with_converter], ids=["finetune", "converter"])
 def test_every_writer_makes_a_complete_folder_that_loads_offline_with_the_same_logits(tmp_path, writer):
     import numpy as np

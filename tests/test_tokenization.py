@@ -92,6 +92,7 @@ def test_left_padding_uses_eos_and_masks_it(tok):
     assert batch.attention_mask[0] == [1] * len(batch.input_ids[0])
 
 
+@pytest.mark.slow
 def test_save_then_autotokenizer_in_fresh_process(tmp_path):
     folders, expected = [], {}
     for version in VERSIONS:
