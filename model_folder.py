@@ -54,12 +54,12 @@ Loads with the Auto classes and `trust_remote_code=True`; the code is in this fo
 downloaded at construction.
 
 ```python
-import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 path = "{repo_id}"
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+# dtype=torch.bfloat16 halves the memory (spelled torch_dtype= before transformers 4.56)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
 image = Image.open("example.jpg").convert("RGB")
 response, history = model.chat(processor, "<ImageHere>Describe this picture.", images=image, max_new_tokens=32)

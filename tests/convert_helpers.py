@@ -16,6 +16,7 @@ from upstream_reference import write_upstream_checkpoint
 
 import convert_checkpoint
 from modeling_xcomposer import XComposerForCausalLM
+from transformers_compat import DTYPE_ARG
 
 ATOL = 1e-5
 TEXT_LEN = 7
@@ -79,7 +80,7 @@ def read_upstream_bins(folder):
 
 
 def load(folder):
-    return XComposerForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return XComposerForCausalLM.from_pretrained(folder, **{DTYPE_ARG: torch.float32}).eval()
 
 
 def assert_no_leftovers(parent, expected=()):

@@ -101,7 +101,7 @@ try:
 except SystemExit as exit:
     assert not exit.code, exit.code
 from transformers import AutoModelForCausalLM, AutoProcessor
-model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True).float().eval()
 processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
 inputs = torch.load(dst + "/../inputs.pt")
 with torch.no_grad():

@@ -5,6 +5,7 @@ import torch
 from conftest import build_model, image_ids, tiny_config
 
 from modeling_xcomposer import PartialLoRALinear, XComposerForCausalLM
+from transformers_compat import CACHE_FIELD
 
 
 def prompt(config, text_a, num_images, text_b):
@@ -101,7 +102,7 @@ def test_cached_forward_equals_full_forward(version):
         full = model(ids, pixel_values=px).logits
         split = ids.shape[1] - 3
         first = model(ids[:, :split], pixel_values=px, use_cache=True)
-        rest = model(ids[:, split:], cache=first.cache, use_cache=True).logits
+        rest = model(ids[:, split:], past_key_values=getattr(first, CACHE_FIELD), use_cache=True).logits
     torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=1e-5, atol=1e-5)
 
 
