@@ -697,9 +697,9 @@ class XComposerModel(XComposerPreTrainedModel):
         image_rows = image_features = None
         if inputs_embeds is None:
             image_mask = input_ids == config.image_token_id
-            inputs_embeds = self.language_model.tok_embeddings(input_ids)
             if pixel_values is not None or (not compiling and past_length == 0):
                 self._check_prefill(input_ids, image_mask, pixel_values)
+            inputs_embeds = self.language_model.tok_embeddings(input_ids)
             if pixel_values is not None:
                 image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))

@@ -399,6 +399,7 @@ class XComposerProcessor(ProcessorMixin):
                 raise ValueError(f"sample {index} has {len(chunks) - 1} {self.image_token} placeholders but "
                                  f"{len(per_sample[index])} images were given for it")
             self._check_length(index, sample, None, max_length)
+            self._check_text(sample)
             ids = self._expand(chunks, add_special_tokens)
             self._check_length(index, sample, len(ids), max_length)
             batch_ids.append(ids)
@@ -410,6 +411,15 @@ class XComposerProcessor(ProcessorMixin):
         if flat_images:
             data.update(self.image_processor(flat_images, return_tensors=return_tensors))
         return BatchFeature(data)
+
+    @staticmethod
+    def _check_text(text: str) -> None:
+        """sentencepiece takes UTF-8: a lone surrogate (e.g. from a bad decode upstream) is named, not a crash."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text has a lone surrogate (U+{ord(text[err.start]):04X}) at index {err.start}; "
+                             f"it is not valid Unicode text") from None
 
     def _check_length(self, index: int, text: str, num_tokens: int | None, max_length: int | None) -> None:
         """Too long is an error, never a truncation. Before tokenizing, a text longer than any max_length tokens
@@ -538,6 +548,7 @@ class XComposerProcessor(ProcessorMixin):
                 breaks += [len(text) + start + 1 for start in _occurrences(content, self._protected_strings())]
             text += content + template_text
         self._check_length(0, text, None, self.max_length if max_length is None else max_length)
+        self._check_text(text)
         segments = [text[a:b] for a, b in zip([0, *breaks], [*breaks, len(text)])]
         ids = [i for k, segment in enumerate(segments) for i in self.encode_prompt(segment, k == 0)]
         self._check_length(0, text, len(ids), self.max_length if max_length is None else max_length)
