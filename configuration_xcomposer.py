@@ -35,6 +35,14 @@ CONNECTORS = ("mlp2x_gelu", "perceive_sampler")
 LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 
 
+def _set_arguments(config, arguments: dict) -> None:
+    """A config's own __init__ arguments as its attributes, set after the base class's __init__ (which on 4.x
+    resets the special token ids it knows)."""
+    for name, value in arguments.items():
+        if name not in ("self", "kwargs", "__class__"):
+            setattr(config, name, value)
+
+
 def _positive_ints(where: str, config, names) -> None:
     """Sizes from a config file are untrusted: reject non-integers and non-positive values by name."""
     for name in names:
@@ -67,17 +75,7 @@ class XComposerVisionConfig(PretrainedConfig):
                  num_attention_heads=16, image_size=490, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                  final_layer_norm_eps=1e-5, initializer_range=0.02, **kwargs):
         super().__init__(**kwargs)
-        self.variant = variant
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.final_layer_norm_eps = final_layer_norm_eps  # EVA's ln_vision keeps torch's default eps
-        self.initializer_range = initializer_range
+        _set_arguments(self, locals())  # final_layer_norm_eps: EVA's ln_vision keeps torch's default eps
         if variant not in ("clip", "eva"):
             raise ValueError(f"vision_config.variant must be 'clip' or 'eva', got {variant!r}")
         _positive_ints("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -104,16 +102,7 @@ class XComposerQFormerConfig(PretrainedConfig):
                  hidden_act="gelu", layer_norm_eps=1e-12, cross_attention_frequency=2, encoder_hidden_size=1408,
                  num_query_tokens=64, initializer_range=0.02, **kwargs):
         super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.cross_attention_frequency = cross_attention_frequency
-        self.encoder_hidden_size = encoder_hidden_size
-        self.num_query_tokens = num_query_tokens
-        self.initializer_range = initializer_range
+        _set_arguments(self, locals())
         _positive_ints("qformer_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                 "num_attention_heads", "cross_attention_frequency",
                                                 "encoder_hidden_size", "num_query_tokens"))
@@ -138,27 +127,8 @@ class XComposerTextConfig(PretrainedConfig):
                  use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.rms_norm_eps = rms_norm_eps
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.lora_rank = lora_rank
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.lora_scope = lora_scope
+        _set_arguments(self, locals())
         self.lora_targets = list(LORA_TARGETS) if lora_targets is None else list(lora_targets)
-        self.initializer_range = initializer_range
-        self.use_cache = use_cache
-        # Set after the base class's __init__, which on 4.x resets the special token ids it knows.
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         _positive_ints("text_config", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
         _positive_floats("text_config", self, ("rope_theta", "rms_norm_eps"))

@@ -22,41 +22,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 try:  # as remote code, inside transformers' dynamic package
     from .build_mlp import build_vision_projector
-    from .configuration_xcomposer import (
-        XComposerConfig,
-        XComposerQFormerConfig,
-        XComposerTextConfig,
-        XComposerVisionConfig,
-    )
+    from .configuration_xcomposer import XComposerConfig, XComposerQFormerConfig, XComposerTextConfig, XComposerVisionConfig
     from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
-    from .transformers_compat import (
-        CACHE_FIELD,
-        GradientCheckpointingLayer,
-        cache_update,
-        init,
-        registered_attention,
-        return_dict_default,
-        static_cache_length,
-    )
+    from .transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_update, init
+    from .transformers_compat import registered_attention, return_dict_default, static_cache_length
 except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
     try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
         from build_mlp import build_vision_projector
-        from configuration_xcomposer import (
-            XComposerConfig,
-            XComposerQFormerConfig,
-            XComposerTextConfig,
-            XComposerVisionConfig,
-        )
+        from configuration_xcomposer import XComposerConfig, XComposerQFormerConfig, XComposerTextConfig, XComposerVisionConfig
         from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
-        from transformers_compat import (
-            CACHE_FIELD,
-            GradientCheckpointingLayer,
-            cache_update,
-            init,
-            registered_attention,
-            return_dict_default,
-            static_cache_length,
-        )
+        from transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_update, init
+        from transformers_compat import registered_attention, return_dict_default, static_cache_length
     except ImportError:
         raise
 
@@ -117,17 +93,31 @@ def causal_lm_loss(logits, labels, image_token_id: int, input_ids=None, ignore_i
 # --------------------------------------------------------------------------- vision tower
 
 
-class VisionAttention(nn.Module):
-    """Bidirectional ViT attention with a fused qkv. EVA (BLIP-2 build) learns only q and v biases:
-    its effective qkv bias is [q_bias, 0, v_bias]."""
+class BidirectionalAttention(nn.Module):
+    """What the ViT's and the Q-Former's attentions share: hidden_size / num_attention_heads per head, no
+    causal mask, and the kernel their sub-config names."""
 
-    def __init__(self, config: XComposerVisionConfig):
+    is_causal = False  # read by transformers' kernels too: SDPA would otherwise go causal without a mask
+
+    def __init__(self, config):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = False
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """(N, H, T, d) queries, keys and values -> (N, T, H * d)."""
+        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class VisionAttention(BidirectionalAttention):
+    """ViT attention with a fused qkv. EVA (BLIP-2 build) learns only q and v biases: its effective qkv bias
+    is [q_bias, 0, v_bias]."""
+
+    def __init__(self, config: XComposerVisionConfig):
+        super().__init__(config)
         self.eva = config.variant == "eva"
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=not self.eva)
         if self.eva:
@@ -142,8 +132,7 @@ class VisionAttention(nn.Module):
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
-        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
-        return self.proj(out.reshape(batch, length, -1))
+        return self.proj(self.attend(q, k, v))
 
 
 class VisionMLP(nn.Module):
@@ -238,16 +227,11 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- v1 connector: perceive sampler
 
 
-class QFormerAttention(nn.Module):
+class QFormerAttention(BidirectionalAttention):
     """BERT attention with a post-LN residual; keys and values come from `context` for cross-attention."""
 
     def __init__(self, config: XComposerQFormerConfig, context_width: int):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
+        super().__init__(config)
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(context_width, config.hidden_size)
         self.value = nn.Linear(context_width, config.hidden_size)
@@ -259,8 +243,7 @@ class QFormerAttention(nn.Module):
             return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
-        return self.norm(x + self.dense(out.reshape(x.shape)))
+        return self.norm(x + self.dense(self.attend(q, k, v)))
 
 
 class QFormerLayer(GradientCheckpointingLayer):
@@ -793,24 +776,16 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
                 module.merge()
         self.config.text_config.lora_rank = 0
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
-        **kwargs,
-    ) -> XComposerCausalLMOutput | tuple:
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.FloatTensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                cache: Cache | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0,
+                num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
+                **kwargs) -> XComposerCausalLMOutput | tuple:
+        """XComposerModel's forward (the same arguments), then the LM head and, with `labels`, the loss."""
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache, past_key_values=past_key_values,
