@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from transformers import GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configuration_xcomposer import XComposerConfig  # noqa: E402
@@ -116,7 +117,7 @@ def measure(model, name, args, device, num_images, num_text) -> dict:
     gen = dict(do_sample=False, use_cache=use_cache, pad_token_id=2, eos_token_id=None)
     if name == "ours" and args.compile:
         gen.update(cache_implementation="static")
-    else:
+    elif hasattr(GenerationConfig(), "disable_compile"):  # 4.51+: no automatic compile of the static cache
         gen.update(disable_compile=True)
 
     def run(batch, new_tokens):

@@ -379,12 +379,6 @@ def _source_names(target: str, sources) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def progress_bar(total: int, desc: str, quiet: bool = False) -> tqdm:
     """A tqdm bar over bytes on stderr, as huggingface_hub shows downloads: silent with `quiet`, with
     HF_HUB_DISABLE_PROGRESS_BARS=1, or when stderr is not a terminal."""
@@ -395,8 +389,7 @@ def progress_bar(total: int, desc: str, quiet: bool = False) -> tqdm:
 
 class ShardWriter:
     """Writes tensors as they come in shards of at most `max_bytes` (a larger tensor gets a shard of its own),
-    then names them HF-style and writes the index; a single safetensors shard is plain model.safetensors.
-    Files get the mode the user's umask gives (safetensors itself creates them 0600)."""
+    then names them HF-style and writes the index; a single safetensors shard is plain model.safetensors."""
 
     def __init__(self, folder: str, max_bytes: int, fmt: str = "safetensors", progress=None):
         self.folder, self.max_bytes, self.fmt, self.progress = folder, max_bytes, fmt, progress
@@ -421,7 +414,6 @@ class ShardWriter:
             save_file(self.shard, path, metadata={"format": "pt"})
         else:
             torch.save(self.shard, path)
-        os.chmod(path, 0o666 & ~_umask())
         self.files.append((path, sorted(self.shard)))
         self.shard, self.shard_bytes = {}, 0
 
@@ -485,13 +477,11 @@ def check_destination(dst, force: bool, *sources):
 @contextlib.contextmanager
 def output_folder(dst, force: bool):
     """model_folder.staged_folder with the converter's errors: an existing DST without --force, and a full disk
-    (or quota, or read-only file system) named as such. The staged folder gets the mode of the user's umask
-    (tempfile.mkdtemp makes it 0700)."""
+    (or quota, or read-only file system) named as such. The folder and its files get the user's umask."""
     if os.path.lexists(dst) and not force:
         raise ConversionError(f"{os.path.abspath(dst)} already exists; pass --force to replace it")
     try:
         with staged_folder(dst, replace=force) as tmp:
-            os.chmod(tmp, 0o777 & ~_umask())
             yield tmp
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:

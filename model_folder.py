@@ -120,8 +120,6 @@ def write_folder_files(folder, config: XComposerConfig, processor=None, **card) 
     write_generation_config(folder, config)
     if processor is not None:
         processor.save_pretrained(folder)
-        with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
-            f.write(processor.chat_template)  # also on releases before 4.52, which write only the .json
     else:  # a source without a tokenizer: the image processor alone
         XComposerImageProcessor.for_model(config).save_pretrained(folder)
     copy_code_files(folder)  # last: the saves above copy the modules their classes came from
@@ -139,12 +137,10 @@ def staged_folder(dst, replace: bool = False):
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the folder it becomes gets the user's umask
     old = None
     try:
         yield tmp
+        _apply_umask(tmp)
         if os.path.lexists(dst):
             old = tmp + ".old"
             os.replace(dst, old)
@@ -156,6 +152,18 @@ def staged_folder(dst, replace: bool = False):
         raise
     if old is not None:
         shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+def _apply_umask(folder) -> None:
+    """The modes a user's files get: mkdtemp makes the folder 0700, safetensors its files 0600, and some
+    transformers releases copy code files with the checkout's own modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, folders, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def save_model_folder(model, processor, folder, replace: bool = True, **card) -> None:

@@ -327,7 +327,7 @@ class XComposerProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, **kwargs):
         """transformers' save, then in the layout every release reads: the image processor in its own
         preprocessor_config.json (5.x nests it in processor_config.json, which 4.45-4.56 cannot read) and the
-        chat template also as chat_template.json (the only file releases before 4.52 read)."""
+        chat template as chat_template.jinja and chat_template.json."""
         result = super().save_pretrained(save_directory, **kwargs)
         path = os.path.join(save_directory, "processor_config.json")
         with open(path, encoding="utf-8") as f:
@@ -337,8 +337,10 @@ class XComposerProcessor(ProcessorMixin):
             _write_json(os.path.join(save_directory, "preprocessor_config.json"),
                         {**nested, "processor_class": type(self).__name__})
             _write_json(path, config)
-        if self.chat_template is not None:
+        if self.chat_template is not None:  # both spellings: .jinja (read since 4.52) and .json (read before)
             _write_json(os.path.join(save_directory, "chat_template.json"), {"chat_template": self.chat_template})
+            with open(os.path.join(save_directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
         return result
 
     @property

@@ -31,6 +31,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from configuration_xcomposer import LORA_TARGETS
+from transformers_compat import get_warmup, set_warmup
 
 # What trains, in four parts: the vision tower, the connector (perceive sampler / projector), the LLM
 # (decoder, embeddings, LM head) and the low-rank adapters (built-in (P)LoRA or PEFT's). See `part_of`.
@@ -235,6 +236,7 @@ def resolve_recipe(stage: str | None = None, training_args: TrainingArguments | 
     if stage is not None and stage not in STAGE_PRESETS:
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGE_PRESETS)}")
     args = {name: getattr(training_args, name, _DEFAULTS[name]) for name in _SHARED_ARGS}
+    args["warmup_steps"] = get_warmup(training_args) if training_args is not None else 0
     if stage is None:
         recipe = StagePreset("custom", "", "per-part rates from flags", learning_rate=args["learning_rate"],
                              betas=(args["adam_beta1"], args["adam_beta2"]), eps=args["adam_epsilon"])
@@ -252,7 +254,7 @@ def resolve_recipe(stage: str | None = None, training_args: TrainingArguments | 
         training_args.adam_beta1, training_args.adam_beta2 = recipe.betas
         training_args.adam_epsilon = recipe.eps
         if recipe.warmup_steps is not None:
-            training_args.warmup_steps = recipe.warmup_steps
+            set_warmup(training_args, recipe.warmup_steps)
     return recipe
 
 
@@ -447,7 +449,7 @@ class RecipeTrainer(Trainer):
             self.args.lr_scheduler_type = "cosine_with_min_lr"
             self.args.lr_scheduler_kwargs = {"min_lr_rate": self.recipe.min_lr / self.recipe.learning_rate}
             if self.recipe.warmup_steps is not None:  # >= 1: steps, below 1: a fraction of training
-                self.args.warmup_steps = self.recipe.warmup_steps
+                set_warmup(self.args, self.recipe.warmup_steps)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _get_train_sampler(self, *dataset):  # Trainer's sampler hook; it passes the dataset since 4.57

@@ -141,6 +141,20 @@ def declare_processor_parts(processor_class, **parts) -> None:
             setattr(processor_class, name, value)
 
 
+def get_warmup(training_args) -> float:
+    """The warm-up TrainingArguments ask for, as set_warmup takes it (4.x may hold a fraction in warmup_ratio)."""
+    return training_args.warmup_steps or getattr(training_args, "warmup_ratio", None) or 0
+
+
+def set_warmup(training_args, warmup: float) -> None:
+    """Warm-up as steps (>= 1) or as a fraction of training (< 1): 5.x reads a fraction from warmup_steps,
+    4.x only from warmup_ratio (its warmup_steps must be an int)."""
+    if _installed.major < 5 and 0 < warmup < 1:
+        training_args.warmup_steps, training_args.warmup_ratio = 0, warmup
+    else:
+        training_args.warmup_steps = int(warmup) if warmup >= 1 and float(warmup).is_integer() else warmup
+
+
 def return_dict_default(config) -> bool:
     """config.use_return_dict (4.x, which also honours torchscript) or config.return_dict (5.x)."""
     return getattr(config, "use_return_dict", getattr(config, "return_dict", True))

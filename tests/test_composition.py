@@ -147,7 +147,10 @@ def clip_dir(tmp_path_factory):
 
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    tokenizer = CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[])
+    files = tmp_path_factory.mktemp("clip_tokenizer")  # vocabulary files: the one constructor every release has
+    (files / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (files / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(files)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,

@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(version):
     def loss_and_grads(checkpointing):
         model = build_model(version).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable()  # every release's name (5.24 also calls it activation_...)
         cfg = model.config
         ids = torch.tensor([prompt(cfg, [20, 21], 1, [30, 31, 32])])
         out = model(ids, pixel_values=pixels(cfg, 1), labels=ids.masked_fill(ids == cfg.image_token_id, -100))
@@ -341,7 +341,9 @@ def test_half_precision_runs_and_stays_close_to_fp32(version, dtype):
 
 @pytest.mark.slow
 def test_static_cache_decode_compiles_fullgraph_and_matches_dynamic_cache():
-    from transformers import CompileConfig
+    CompileConfig = pytest.importorskip("transformers", reason="").__dict__.get("CompileConfig")
+    if CompileConfig is None:
+        pytest.skip("this transformers release has no CompileConfig: generate compiles no decode steps (4.48+)")
 
     model = build_model(2)
     cfg = model.config

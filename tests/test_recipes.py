@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_model, image_ids
+from transformers_compat import set_warmup
 from PIL import Image
 from tiny_sp import tiny_sp_path
 from transformers import HfArgumentParser, TrainingArguments
@@ -52,8 +53,10 @@ def paper_style(rate):
     return f"{rate:.0e}".replace("e-0", "e-")
 
 
-def recipe_trainer(tmp_path, stage, steps=400, **args):
+def recipe_trainer(tmp_path, stage, steps=400, warmup_steps=None, **args):
     targs = training_args(tmp_path, **args)
+    if warmup_steps is not None:  # as the user's --warmup_steps, in the spelling of the installed release
+        set_warmup(targs, warmup_steps)
     recipe = tr.resolve_recipe(stage, targs, **(TINY_LORA if stage == "xcomposer-sft" else {}))
     model = model_for(recipe)
     tr.apply_freezing(model, recipe)
