@@ -822,8 +822,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds, pixel_values = input_ids[:, past_length:], None, None
         if inputs_embeds is not None:
             model_inputs["inputs_embeds"] = inputs_embeds
-        else:
-            model_inputs["input_ids"] = input_ids
+        else:  # fresh strides: a slice keeps the whole sequence's, which grow every step (compile guards on them)
+            model_inputs["input_ids"] = input_ids.clone(memory_format=torch.contiguous_format)
         length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
         device = (inputs_embeds if inputs_embeds is not None else input_ids).device
         if position_ids is not None:  # 5.x generate tracks them over the whole sequence
@@ -832,6 +832,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         else:
             position_ids = torch.arange(past_length, past_length + length, device=device)[None]
+        position_ids = position_ids.clone(memory_format=torch.contiguous_format)  # as input_ids
         capacity = static_cache_length(cache) if cache is not None else None
         if capacity is not None and (attention_mask is None or attention_mask.ndim == 2):
             attention_mask = causal_mask(attention_mask, length, past_length, capacity, device)

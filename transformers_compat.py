@@ -156,5 +156,6 @@ def set_warmup(training_args, warmup: float) -> None:
 
 
 def return_dict_default(config) -> bool:
-    """config.use_return_dict (4.x, which also honours torchscript) or config.return_dict (5.x)."""
-    return getattr(config, "use_return_dict", getattr(config, "return_dict", True))
+    """config.return_dict, off in TorchScript mode as 4.x's use_return_dict has it. Not use_return_dict itself:
+    on 5.x reading it logs a deprecation warning (5.x has no torchscript flag)."""
+    return getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
