@@ -373,9 +373,10 @@ class XComposerProcessor(ProcessorMixin):
         audio=None,
         **kwargs,
     ) -> BatchFeature:
-        """Text as a raw prompt (chat markers act as markers): use apply_chat_template for messages. Images go
-        where the `<ImageHere>` placeholders are; a sample without any gets one per image in front, as
-        `model.chat` does. `max_length` defaults to the tokenizer's model_max_length."""
+        """Text as a raw prompt (chat markers act as markers; apply_chat_template takes messages), its images where
+        its `<ImageHere>` placeholders are. A text without placeholders given with images is a question, as
+        `model.chat` takes it: one placeholder per image in front, in a user turn of the chat template with the
+        generation prompt. `max_length` defaults to the tokenizer's model_max_length."""
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         if videos is not None or audio is not None:
@@ -390,11 +391,17 @@ class XComposerProcessor(ProcessorMixin):
         per_sample = _split_images(images, len(texts))
         if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
             per_sample = [_flatten_images(images)] if len(texts) == 1 else None
-        if per_sample is not None:
-            texts = [t if self.image_token in t else self.image_token * len(ims) + t for t, ims in zip(texts, per_sample)]
+        # A text without placeholders given with images is a question, as model.chat takes it (and as the
+        # image-text-to-text pipeline passes one): its images in front, in a user turn of the chat template.
+        questions = {i for i, (t, ims) in enumerate(zip(texts, per_sample or ())) if ims and self.image_token not in t}
         max_length = self.max_length if max_length is None else max_length
         batch_ids, placeholders = [], 0
         for index, sample in enumerate(texts):
+            if index in questions:
+                turn = [{"role": "user", "content": self.image_token * len(per_sample[index]) + sample}]
+                batch_ids.append(self.encode_messages(turn, add_generation_prompt=True, max_length=max_length))
+                placeholders += len(per_sample[index])
+                continue
             chunks = sample.split(self.image_token)
             placeholders += len(chunks) - 1
             if per_sample is not None and len(per_sample[index]) != len(chunks) - 1:

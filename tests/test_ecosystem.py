@@ -265,8 +265,9 @@ for sample in samples:
     # Plain text is a raw prompt in transformers' pipelines; the chat template renders one from the question.
     text = pipe.processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=False)
     prompted.append(pipe(images=images, text=text, max_new_tokens=8, return_full_text=False)[0]["generated_text"])
-    bare.append(pipe(images=images, text=sample["question"], max_new_tokens=8,  # no chat turn: runs, not asked
-                     return_full_text=False)[0]["generated_text"])
+    # A bare question (no placeholders) with images is put in a chat turn, as model.chat does.
+    question = sample["question"].replace("<ImageHere>", "")
+    bare.append(pipe(images=images, text=question, max_new_tokens=8, return_full_text=False)[0]["generated_text"])
 generator = pipeline("text-generation", model=folder, trust_remote_code=True)
 tokenizer_loaded = generator.tokenizer is not None
 if not tokenizer_loaded:  # 4.51: only for transformers' own model types or a config naming its tokenizer_class
@@ -282,7 +283,7 @@ finish({"chat": chat, "prompted": prompted, "bare": bare, "text_generation": tex
 
 @pytest.mark.slow
 @pytest.mark.skipif("image-text-to-text" not in SUPPORTED_TASKS, reason="this transformers has no such pipeline")
-def test_pipelines_answer_chat_messages_and_rendered_prompts_without_control_pieces(tmp_path):
+def test_pipelines_answer_chat_messages_bare_questions_and_rendered_prompts_without_control_pieces(tmp_path):
     samples = write_samples(tmp_path)
     got, _ = run_child(tmp_path, PIPELINES, samples, FOLDER)
     if version.parse(transformers.__version__) >= version.parse("4.57"):  # no processor= or tokenizer= needed
@@ -290,6 +291,7 @@ def test_pipelines_answer_chat_messages_and_rendered_prompts_without_control_pie
     expected = truths(samples)
     assert [text.strip() for text in got["chat"]] == expected
     assert [text.strip() for text in got["prompted"]] == expected
+    assert [text.strip() for text in got["bare"]] == expected
     assert_no_control_pieces(got["chat"] + got["prompted"] + got["bare"] + got["text_generation"])
     assert all(got["text_generation"])
 

@@ -224,13 +224,17 @@ def test_image_count_mismatch_names_both_counts():
         processor("one<ImageHere>")
 
 
-def test_a_prompt_without_placeholders_gets_one_per_image_in_front():
+def test_a_text_without_placeholders_given_images_is_a_question_in_a_user_turn():
     processor = make_processor()
     images = [random_rgb(), random_rgb(seed=1)]
     placed = processor("Compare them.", images=images)
-    explicit = processor("<ImageHere><ImageHere>Compare them.", images=images)
-    assert torch.equal(placed["input_ids"], explicit["input_ids"])
-    assert torch.equal(placed["pixel_values"], explicit["pixel_values"])
+    messages = [{"role": "user", "content": "<ImageHere><ImageHere>Compare them."}]
+    turn = processor.apply_chat_template(messages, images=images, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)
+    assert torch.equal(placed["input_ids"], turn["input_ids"])  # as model.chat builds it
+    assert torch.equal(placed["pixel_values"], turn["pixel_values"])
+    raw = processor("<ImageHere><ImageHere>Compare them.", images=images)  # with placeholders: a raw prompt
+    assert raw["input_ids"].shape[1] < placed["input_ids"].shape[1]
 
 
 def test_per_sample_image_count_mismatch_names_the_sample():
