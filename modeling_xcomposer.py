@@ -100,14 +100,20 @@ def attention_interface(config) -> Callable:
 
 
 def causal_lm_loss(logits, labels, image_token_id: int, input_ids=None, ignore_index: int = -100,
-                   num_items_in_batch=None) -> torch.Tensor:
+                   num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
     """Next-token cross-entropy in fp32. Image positions are never targets: neither labels holding the image id
     (e.g. labels=input_ids) nor the positions input_ids marks as image. With `num_items_in_batch` (the Trainer's
-    count over gradient-accumulation steps) the sum is divided by it instead of averaging."""
-    labels = labels.masked_fill(labels == image_token_id, ignore_index)
-    if input_ids is not None and input_ids.shape == labels.shape:
-        labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
-    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    count over gradient-accumulation steps) the sum is divided by it instead of averaging. `shift_labels`, the
+    targets already aligned with the logits (sequence/context-parallel training shifts the full sequence before
+    sharding it), replace `labels` and are not shifted again."""
+    if shift_labels is not None:
+        logits, labels = logits.float(), shift_labels.masked_fill(shift_labels == image_token_id, ignore_index)
+    else:
+        labels = labels.masked_fill(labels == image_token_id, ignore_index)
+        if input_ids is not None and input_ids.shape == labels.shape:
+            labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    labels = labels.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
@@ -811,7 +817,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
         **kwargs,
     ) -> XComposerCausalLMOutput | tuple:
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
@@ -828,7 +834,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             # The image id is a row of resized embeddings: it marks positions and is never a prediction.
             logits = logits.index_fill(-1, logits.new_tensor([image_id], dtype=torch.long), torch.finfo(logits.dtype).min)
         loss = None
-        if labels is not None:
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
             loss = causal_lm_loss(logits, labels, image_id, input_ids, **loss_kwargs)
         output = XComposerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                          attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states,
