@@ -651,11 +651,7 @@ class XComposerModel(XComposerPreTrainedModel):
         return self.language_model.tok_embeddings
 
     def set_input_embeddings(self, value):
-        if not isinstance(value, TokenEmbedding):  # e.g. a table resized by transformers: keep our image-id rule
-            table = TokenEmbedding(value.num_embeddings, value.embedding_dim, self.config.image_token_id)
-            table.to(value.weight.device, value.weight.dtype).weight = value.weight
-            value = table
-        self.language_model.tok_embeddings = value
+        self.language_model.tok_embeddings = value  # any table: forward looks image ids up as row 0 itself
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalized pixels -> (N, num_image_tokens, text width)."""
@@ -703,7 +699,7 @@ class XComposerModel(XComposerPreTrainedModel):
         image_rows = image_features = None
         if inputs_embeds is None:
             image_mask = input_ids == config.image_token_id
-            inputs_embeds = self.language_model.tok_embeddings(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # rows replaced below
             if pixel_values is not None or (not compiling and past_length == 0):
                 self._check_prefill(input_ids, image_mask, pixel_values)
             if pixel_values is not None:
