@@ -579,6 +579,17 @@ class XComposerPreTrainedModel(PreTrainedModel):
             if sub is not None and getattr(sub, "_attn_implementation_internal", None) is None:
                 sub._attn_implementation = config._attn_implementation
 
+    if hasattr(PreTrainedModel, "set_attn_implementation"):  # 4.57+
+        def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+            """transformers' switch reaches the sub-configs listed in config.sub_configs; the Q-Former's (not listed,
+            since v2 has none) follows the top-level choice unless a dict names it."""
+            super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            choice, qformer = self.config._attn_implementation, self.config.qformer_config
+            if isinstance(attn_implementation, dict):
+                choice = attn_implementation.get("qformer_config", choice)
+            if qformer is not None:
+                qformer._attn_implementation = choice
+
     def save_pretrained(self, save_directory, *args, max_shard_size="5GB", is_main_process=True, **kwargs):
         """transformers' save_pretrained (which copies this module and those it imports) with Hub-sized shards,
         staged: the files are written to a temporary folder beside `save_directory` and moved in only when all of
