@@ -32,6 +32,7 @@ try:  # as remote code, inside transformers' dynamic package
     from .transformers_compat import (
         CACHE_FIELD,
         GradientCheckpointingLayer,
+        cache_argument,
         cache_update,
         init,
         registered_attention,
@@ -51,6 +52,7 @@ except ImportError:  # from a checkout, where scripts and tests import the flat 
         from transformers_compat import (
             CACHE_FIELD,
             GradientCheckpointingLayer,
+            cache_argument,
             cache_update,
             init,
             registered_attention,
@@ -694,7 +696,7 @@ class XComposerModel(XComposerPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         config, text_config = self.config, self.config.text_config
-        cache = cache if cache is not None else past_key_values
+        cache = cache_argument(cache, past_key_values, f"{type(self).__name__}.forward")
         if use_cache is None:
             use_cache = text_config.use_cache and not self.training
         if use_cache and cache is None:
@@ -825,8 +827,9 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> XComposerCausalLMOutput | tuple:
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+        cache = cache_argument(cache, past_key_values, f"{type(self).__name__}.forward")
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, past_key_values=past_key_values,
+                             position_ids=position_ids, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
