@@ -18,7 +18,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, ProcessorMixin
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 
 try:  # as remote code, inside transformers' dynamic package
     from .build_mlp import build_vision_projector
@@ -143,15 +148,16 @@ class VisionAttention(nn.Module):
             self.v_bias = nn.Parameter(torch.zeros(config.hidden_size))
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
         batch, length, _ = x.shape
         qkv = self.qkv(x)  # through the module, so adapters (PEFT) and offload hooks on it take effect
         if self.eva:
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
-        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
-        return self.proj(out.reshape(batch, length, -1))
+        attend = eager_attention_forward if output_attentions else attention_interface(self.config)
+        out, weights = attend(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return self.proj(out.reshape(batch, length, -1)), weights
 
 
 class VisionMLP(nn.Module):
@@ -173,9 +179,10 @@ class VisionBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        attended, weights = self.attn(self.norm1(x), output_attentions)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), weights
 
 
 class VisionEmbeddings(nn.Module):
@@ -197,7 +204,8 @@ class VisionEmbeddings(nn.Module):
 
 class VisionTransformer(nn.Module):
     """CLIP ViT-L/14 (v2) or EVA-CLIP ViT-g (v1): one pre-LN ViT, the variant sets the details.
-    Returns the last block's tokens, CLS first: (N, 1 + num_patches, width)."""
+    Returns the last block's tokens, CLS first, (N, 1 + num_patches, width), and on request each block's input
+    plus the last block's output (hidden_states) and each block's attention weights."""
 
     def __init__(self, config: XComposerVisionConfig):
         super().__init__()
@@ -209,13 +217,19 @@ class VisionTransformer(nn.Module):
         # EVA is followed by BLIP-2's ln_vision; CLIP's post_layernorm is unused by XComposer2.
         self.post_norm = None if clip else nn.LayerNorm(width, eps=config.final_layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BaseModelOutput:
         x = self.embeddings(pixel_values)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
+        all_hidden, all_attentions = (), ()
         for block in self.blocks:
-            x = block(x)
-        return x if self.post_norm is None else self.post_norm(x)
+            all_hidden += (x,) if output_hidden_states else ()
+            x, weights = block(x, output_attentions=output_attentions)
+            all_attentions += (weights,) if output_attentions else ()
+        all_hidden += (x,) if output_hidden_states else ()
+        return BaseModelOutput(last_hidden_state=x if self.post_norm is None else self.post_norm(x),
+                               hidden_states=all_hidden or None, attentions=all_attentions or None)
 
     @torch.no_grad()
     def resize_position_embeddings(self, image_size: int) -> None:
@@ -545,12 +559,17 @@ class InternLMDecoder(nn.Module):
 
 @dataclass
 class XComposerModelOutput(BaseModelOutputWithPast):
+    """`image_outputs`: get_image_features' output for the prompt's images; `image_hidden_states`: its
+    pooler_output, the features spliced into the decoder."""
+
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class XComposerCausalLMOutput(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 def _is_weight_file(name: str) -> bool:
@@ -666,16 +685,28 @@ class XComposerModel(XComposerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.tok_embeddings = value  # any table: forward looks image ids up as row 0 itself
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized pixels -> (N, num_image_tokens, text width)."""
-        size = self.config.vision_config.image_size
+    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, return_dict: bool | None = None):
+        """(N, 3, S, S) normalized pixels -> BaseModelOutputWithPooling, as transformers 5.x's VLMs return it:
+        `pooler_output` the features the decoder takes, (N, num_image_tokens, text width); `last_hidden_state`
+        the vision tower's tokens, (N, 1 + num_patches, vision width), CLS first; the tower's hidden_states and
+        attentions on request."""
+        config, size = self.config, self.config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), "
                              f"got {tuple(pixel_values.shape)}")
-        image_embeds = self.vision_tower(pixel_values)
-        if self.config.connector == "perceive_sampler":
-            return self.perceive_sampler(image_embeds)
-        return self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        vision = self.vision_tower(pixel_values, output_hidden_states=bool(output_hidden_states),
+                                   output_attentions=bool(output_attentions))
+        image_embeds = vision.last_hidden_state
+        if config.connector == "perceive_sampler":
+            features = self.perceive_sampler(image_embeds)
+        else:
+            features = self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
+        output = BaseModelOutputWithPooling(last_hidden_state=image_embeds, pooler_output=features,
+                                            hidden_states=vision.hidden_states, attentions=vision.attentions)
+        return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
     def forward(
         self,
@@ -709,14 +740,16 @@ class XComposerModel(XComposerPreTrainedModel):
         if not compiling:
             self._check_lengths(length, past_length)
 
-        image_rows = image_features = None
+        image_rows = image_features = image_outputs = None
         if inputs_embeds is None:
             image_mask = input_ids == config.image_token_id
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # rows replaced below
             if pixel_values is not None or (not compiling and past_length == 0):
                 self._check_prefill(input_ids, image_mask, pixel_values)
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                                                        output_attentions=output_attentions, return_dict=True)
+                image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
                 image_rows = image_mask.flatten().nonzero().squeeze(1)  # flat row indices, for Partial LoRA
         elif pixel_values is not None:
@@ -739,7 +772,8 @@ class XComposerModel(XComposerPreTrainedModel):
             output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
             cache_position=cache_position, **kwargs)
         output = XComposerModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_attentions,
-                                      image_hidden_states=image_features, **{CACHE_FIELD: cache if use_cache else None})
+                                      image_hidden_states=image_features, image_outputs=image_outputs,
+                                      **{CACHE_FIELD: cache if use_cache else None})
         return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
     def _check_lengths(self, length: int, past_length: int) -> None:
@@ -795,8 +829,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.output = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def merge_lora(self) -> None:
         """Merge plain (all-row) LoRA adapters into the decoder weights, as XComposer v1's inference
@@ -848,6 +882,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels, image_id, input_ids, **loss_kwargs)
         output = XComposerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                          attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states,
+                                         image_outputs=outputs.image_outputs,
                                          **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if (return_dict_default(self.config) if return_dict is None else return_dict) else output.to_tuple()
 
