@@ -895,7 +895,15 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         past_length = int(cache.get_seq_length()) if cache is not None else 0
         model_inputs = {}
         if past_length:
-            input_ids, inputs_embeds, pixel_values = input_ids[:, past_length:], None, None
+            # The tokens the cache has not seen. A prompt given as inputs_embeds is not in input_ids, which then holds
+            # the generated tokens only; the padding mask (or 5.x's position ids) spans the whole sequence.
+            total = input_ids.shape[1]
+            if attention_mask is not None and attention_mask.ndim == 2:
+                total = attention_mask.shape[1]
+            elif position_ids is not None:
+                total = position_ids.shape[-1]
+            unseen = total - past_length
+            input_ids, inputs_embeds, pixel_values = input_ids[:, input_ids.shape[1] - unseen:], None, None
         if inputs_embeds is not None:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
