@@ -25,6 +25,7 @@ from unittest import mock
 import pytest
 import torch
 import transformers
+from packaging import version
 from conftest import tiny_config
 from transformers.models.auto import modeling_auto
 
@@ -192,11 +193,38 @@ EXCLUDED = {
     "test_generation_tester_mixin_inheritance":
         "GenerationTesterMixin is not in the transformers sdist (tests/generation is not shipped); "
         "tests/test_generation_outputs.py tests generate's outputs instead",
+    # transformers 4.x only (5.0 removed head pruning and head masks from the library):
+    "test_head_pruning": "head pruning is not implemented (no _prune_heads), as in transformers 5's own models",
+    "test_head_pruning_integration": "head pruning is not implemented (see test_head_pruning)",
+    "test_head_pruning_save_load_from_config_init": "head pruning is not implemented (see test_head_pruning)",
+    "test_head_pruning_save_load_from_pretrained": "head pruning is not implemented (see test_head_pruning)",
+    "test_headmasking": "head_mask is not an input, as in transformers 5's own models",
     "test_sdpa_can_dispatch_composite_models":
         "reads `_supports_sdpa` off the towers, which are plain nn.Modules reading their sub-config (only the top "
         "classes are PreTrainedModel); per-tower dispatch is checked by test_attn_implementation_composite_models "
         "and test_can_set_attention_dynamically_composite_model",
+    "test_causal_lm_can_accept_kwargs":  # 4.51
+        "builds the model with AutoModelForCausalLM.from_config without trust_remote_code, which remote code needs "
+        "(the test then waits for an answer on stdin)",
 }
+# Older releases' versions of tests that pass on the newer ones (seen on 4.45 and 4.51; 4.57 has the newer tests).
+if version.parse(transformers.__version__) < version.parse("4.57"):
+    EXCLUDED.update({
+        "test_tied_weights_keys":
+            "forces tie_word_embeddings=True, which no XComposer uses (the LM head is its own matrix in every preset "
+            "and checkpoint), and 4.4x then ties the head to the token table without a declared tied key",
+    })
+if version.parse(transformers.__version__) < version.parse("4.51"):
+    EXCLUDED.update({
+        "test_model_outputs_equivalence":
+            "4.45's version compares outputs as tensors and tuples only and cannot take the DynamicCache the model "
+            "returns on every release (4.45's own models still returned tuple caches)",
+        "test_training_gradient_checkpointing":
+            "4.45's version skips the base model with skipTest inside subTest; pytest 9 records that as a skipped "
+            "subtest and carries on, asking the base model for a loss",
+        "test_training_gradient_checkpointing_use_reentrant": "as test_training_gradient_checkpointing",
+        "test_training_gradient_checkpointing_use_reentrant_false": "as test_training_gradient_checkpointing",
+    })
 
 # name -> (tester arguments, why): tests that run as transformers wrote them, on inputs adapted to what they probe.
 ADAPTED_INPUTS = {
@@ -210,6 +238,7 @@ ADAPTED_INPUTS = {
         "no embedding row of its own, so pixel_values with inputs_embeds is a ValueError (splice "
         "get_image_features(...).pooler_output into inputs_embeds yourself)"),
     "test_inputs_embeds_matches_input_ids": ({"with_images": False}, "as test_inputs_embeds"),
+    "test_inputs_embeds_matches_input_ids_with_generate": ({"with_images": False}, "as test_inputs_embeds"),  # 4.45
 }
 
 
@@ -230,6 +259,8 @@ class _XComposerCommonTests(common.ModelTesterMixin):
     all_model_classes = (XComposerModel, XComposerForCausalLM)
     _is_composite = True
     additional_model_inputs = ["pixel_values"]  # tests that pick inputs by name also pass the images
+    # the test dates a model by the copyright line our files lack and would skip it as an old one
+    test_can_init_all_missing_weights_before_2023 = True
     version = 2
 
     def setUp(self):
