@@ -1,14 +1,19 @@
 """transformers' own common model tests (ModelTesterMixin) on tiny XComposer2 (v2) and XComposer (v1) models.
 
-The tests are not copied into this repository: the first run fetches the source distribution of the installed
-transformers release (`pip download --no-binary :all: --no-deps transformers==X`), extracts its `tests/` tree
-into a cache folder outside the checkout (XCOMPOSER_HF_TESTS_CACHE, else ~/.cache/xcomposer/hf-tests) as the
-package `hf_tests`, and imports `hf_tests.test_modeling_common`. Without network the module skips.
+The tests are not copied into this repository. When this module is collected (the mixin must exist when the
+test classes are defined), the source distribution of the installed transformers release is fetched once
+(`pip download --no-binary :all: --no-deps transformers==X`), its `tests/` tree is extracted into a cache
+folder outside the checkout (XCOMPOSER_HF_TESTS_CACHE, else ~/.cache/xcomposer/hf-tests/transformers-X/) as
+the package `hf_tests`, and `hf_tests.test_modeling_common` is imported. Without network, or without the
+`parameterized` package those tests import, the module skips and says why.
 
 The sdists ship only the top-level test files. The mixins test_modeling_common imports from sub-folders the
-sdist lacks (GenerationTesterMixin, and ExportTesterMixin on 5.24) are replaced by empty classes, so their tests
-do not run here: tests/test_generation_outputs.py covers generate's outputs instead. The tests excluded below
-need hardware or features this model does not have; each names its reason, also listed in the README.
+sdist lacks (GenerationTesterMixin; ExportTesterMixin on 5.24) become empty classes, so their tests do not run
+here: tests/test_generation_outputs.py checks generate's outputs instead. What we tell the mixin, as
+transformers' own testers do: the tester's tiny configs and inputs, the image inputs by name
+(additional_model_inputs), and, while a test runs, our class names in transformers' auto tables (remote code
+is absent from them). EXCLUDED lists the tests that need hardware or features this model does not have, and
+ADAPTED_INPUTS the tests that run on other inputs; each names its reason (the README lists them too).
 """
 
 import ast
@@ -25,12 +30,11 @@ from unittest import mock
 import pytest
 import torch
 import transformers
-from packaging import version
 from conftest import tiny_config
+from packaging import version
 from transformers.models.auto import modeling_auto
 
 from configuration_xcomposer import AUTO_MAP, XComposerConfig
-
 from modeling_xcomposer import XComposerForCausalLM, XComposerModel
 
 pytestmark = pytest.mark.slow
