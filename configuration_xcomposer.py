@@ -175,6 +175,7 @@ class XComposerConfig(PretrainedConfig):
     def __init__(self, vision_config=None, text_config=None, qformer_config=None, connector="mlp2x_gelu",
                  image_token_id=None, **kwargs):
         kwargs.setdefault("tie_word_embeddings", False)
+        attn_implementation = kwargs.get("attn_implementation")
         super().__init__(**kwargs)
         if connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
@@ -195,6 +196,27 @@ class XComposerConfig(PretrainedConfig):
             raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id!r}")
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
+        if attn_implementation is not None:  # the base class set it before the sub-configs existed
+            for key in ("vision_config", "qformer_config", "text_config"):
+                choice = attn_implementation
+                if isinstance(choice, dict):
+                    choice = choice.get(key, choice.get(""))
+                if getattr(self, key) is not None:
+                    getattr(self, key)._attn_implementation = choice
+
+    # `config._attn_implementation = x` hands the choice down to the sub-configs listed in sub_configs (4.57+); the
+    # Q-Former's cannot be listed (see above), so it follows here.
+    @property
+    def _attn_implementation(self):
+        return PretrainedConfig._attn_implementation.fget(self)
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value):
+        PretrainedConfig._attn_implementation.fset(self, value)
+        qformer = self.__dict__.get("qformer_config")
+        if qformer is not None:
+            qformer._attn_implementation = value.get("qformer_config", qformer._attn_implementation) \
+                if isinstance(value, dict) else value
 
     @property
     def num_image_tokens(self) -> int:

@@ -18,20 +18,25 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, ProcessorMixin
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 
 try:  # as remote code, inside transformers' dynamic package
     from .build_mlp import build_vision_projector
     from .configuration_xcomposer import XComposerConfig, XComposerQFormerConfig, XComposerTextConfig, XComposerVisionConfig
     from .processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
-    from .transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_update, init
+    from .transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_argument, cache_update, init
     from .transformers_compat import registered_attention, return_dict_default, static_cache_length
 except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
     try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
         from build_mlp import build_vision_projector
         from configuration_xcomposer import XComposerConfig, XComposerQFormerConfig, XComposerTextConfig, XComposerVisionConfig
         from processing_xcomposer import IMAGE_PLACEHOLDER, XComposerProcessor
-        from transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_update, init
+        from transformers_compat import CACHE_FIELD, GradientCheckpointingLayer, cache_argument, cache_update, init
         from transformers_compat import registered_attention, return_dict_default, static_cache_length
     except ImportError:
         raise
@@ -76,14 +81,20 @@ def attention_interface(config) -> Callable:
 
 
 def causal_lm_loss(logits, labels, image_token_id: int, input_ids=None, ignore_index: int = -100,
-                   num_items_in_batch=None) -> torch.Tensor:
+                   num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
     """Next-token cross-entropy in fp32. Image positions are never targets: neither labels holding the image id
     (e.g. labels=input_ids) nor the positions input_ids marks as image. With `num_items_in_batch` (the Trainer's
-    count over gradient-accumulation steps) the sum is divided by it instead of averaging."""
-    labels = labels.masked_fill(labels == image_token_id, ignore_index)
-    if input_ids is not None and input_ids.shape == labels.shape:
-        labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
-    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    count over gradient-accumulation steps) the sum is divided by it instead of averaging. `shift_labels`, the
+    targets already aligned with the logits (sequence/context-parallel training shifts the full sequence before
+    sharding it), replace `labels` and are not shifted again."""
+    if shift_labels is not None:
+        logits, labels = logits.float(), shift_labels.masked_fill(shift_labels == image_token_id, ignore_index)
+    else:
+        labels = labels.masked_fill(labels == image_token_id, ignore_index)
+        if input_ids is not None and input_ids.shape == labels.shape:
+            labels = labels.masked_fill(input_ids == image_token_id, ignore_index)
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    labels = labels.to(logits.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
                            reduction=reduction)
@@ -106,10 +117,11 @@ class BidirectionalAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
 
-    def attend(self, q, k, v) -> torch.Tensor:
-        """(N, H, T, d) queries, keys and values -> (N, T, H * d)."""
-        out, _ = attention_interface(self.config)(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
-        return out.reshape(out.shape[0], out.shape[1], -1)
+    def attend(self, q, k, v, output_attentions: bool = False):
+        """(N, H, T, d) queries, keys and values -> (N, T, H * d), and the weights when asked (eager computes them)."""
+        kernel = eager_attention_forward if output_attentions else attention_interface(self.config)
+        out, weights = kernel(self, q, k, v, None, scaling=self.scaling, dropout=0.0)
+        return out.reshape(out.shape[0], out.shape[1], -1), weights
 
 
 class VisionAttention(BidirectionalAttention):
@@ -125,14 +137,15 @@ class VisionAttention(BidirectionalAttention):
             self.v_bias = nn.Parameter(torch.zeros(config.hidden_size))
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
         batch, length, _ = x.shape
         qkv = self.qkv(x)  # through the module, so adapters (PEFT) and offload hooks on it take effect
         if self.eva:
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
-        return self.proj(self.attend(q, k, v))
+        out, weights = self.attend(q, k, v, output_attentions)
+        return self.proj(out), weights
 
 
 class VisionMLP(nn.Module):
@@ -154,9 +167,10 @@ class VisionBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        attended, weights = self.attn(self.norm1(x), output_attentions)
+        x = x + attended
+        return x + self.mlp(self.norm2(x)), weights
 
 
 class VisionEmbeddings(nn.Module):
@@ -178,7 +192,8 @@ class VisionEmbeddings(nn.Module):
 
 class VisionTransformer(nn.Module):
     """CLIP ViT-L/14 (v2) or EVA-CLIP ViT-g (v1): one pre-LN ViT, the variant sets the details.
-    Returns the last block's tokens, CLS first: (N, 1 + num_patches, width)."""
+    Returns the last block's tokens, CLS first, (N, 1 + num_patches, width), and on request each block's input
+    plus the last block's output (hidden_states) and each block's attention weights."""
 
     def __init__(self, config: XComposerVisionConfig):
         super().__init__()
@@ -190,13 +205,19 @@ class VisionTransformer(nn.Module):
         # EVA is followed by BLIP-2's ln_vision; CLIP's post_layernorm is unused by XComposer2.
         self.post_norm = None if clip else nn.LayerNorm(width, eps=config.final_layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BaseModelOutput:
         x = self.embeddings(pixel_values)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
+        all_hidden, all_attentions = (), ()
         for block in self.blocks:
-            x = block(x)
-        return x if self.post_norm is None else self.post_norm(x)
+            all_hidden += (x,) if output_hidden_states else ()
+            x, weights = block(x, output_attentions=output_attentions)
+            all_attentions += (weights,) if output_attentions else ()
+        all_hidden += (x,) if output_hidden_states else ()
+        return BaseModelOutput(last_hidden_state=x if self.post_norm is None else self.post_norm(x),
+                               hidden_states=all_hidden or None, attentions=all_attentions or None)
 
     @torch.no_grad()
     def resize_position_embeddings(self, image_size: int) -> None:
@@ -243,7 +264,8 @@ class QFormerAttention(BidirectionalAttention):
             return t.view(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        return self.norm(x + self.dense(self.attend(q, k, v)))
+        out, _ = self.attend(q, k, v)
+        return self.norm(x + self.dense(out))
 
 
 class QFormerLayer(GradientCheckpointingLayer):
@@ -520,12 +542,17 @@ class InternLMDecoder(nn.Module):
 
 @dataclass
 class XComposerModelOutput(BaseModelOutputWithPast):
+    """`image_outputs`: get_image_features' output for the prompt's images; `image_hidden_states`: its
+    pooler_output, the features spliced into the decoder."""
+
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class XComposerCausalLMOutput(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 def _is_weight_file(name: str) -> bool:
@@ -555,6 +582,17 @@ class XComposerPreTrainedModel(PreTrainedModel):
         for sub in (config.vision_config, config.qformer_config, config.text_config):
             if sub is not None and getattr(sub, "_attn_implementation_internal", None) is None:
                 sub._attn_implementation = config._attn_implementation
+
+    if hasattr(PreTrainedModel, "set_attn_implementation"):  # 4.57+
+        def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+            """transformers' switch reaches the sub-configs listed in config.sub_configs; the Q-Former's (not listed,
+            since v2 has none) follows the top-level choice unless a dict names it."""
+            super().set_attn_implementation(attn_implementation, *args, **kwargs)
+            choice, qformer = self.config._attn_implementation, self.config.qformer_config
+            if isinstance(attn_implementation, dict):
+                choice = attn_implementation.get("qformer_config", choice)
+            if qformer is not None:
+                qformer._attn_implementation = choice
 
     def save_pretrained(self, save_directory, *args, max_shard_size="5GB", is_main_process=True, **kwargs):
         """transformers' save_pretrained (which copies this module and those it imports) with Hub-sized shards,
@@ -628,22 +666,30 @@ class XComposerModel(XComposerPreTrainedModel):
         return self.language_model.tok_embeddings
 
     def set_input_embeddings(self, value):
-        if not isinstance(value, TokenEmbedding):  # e.g. a table resized by transformers: keep our image-id rule
-            table = TokenEmbedding(value.num_embeddings, value.embedding_dim, self.config.image_token_id)
-            table.to(value.weight.device, value.weight.dtype).weight = value.weight
-            value = table
-        self.language_model.tok_embeddings = value
+        self.language_model.tok_embeddings = value  # any table: forward looks image ids up as row 0 itself
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized pixels -> (N, num_image_tokens, text width)."""
-        size = self.config.vision_config.image_size
+    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, return_dict: bool | None = None):
+        """(N, 3, S, S) normalized pixels -> BaseModelOutputWithPooling, as transformers 5.x's VLMs return it:
+        `pooler_output` the features the decoder takes, (N, num_image_tokens, text width); `last_hidden_state`
+        the vision tower's tokens, (N, 1 + num_patches, vision width), CLS first; the tower's hidden_states and
+        attentions on request."""
+        config, size = self.config, self.config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
             raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), "
                              f"got {tuple(pixel_values.shape)}")
-        image_embeds = self.vision_tower(pixel_values)
-        if self.config.connector == "perceive_sampler":
-            return self.perceive_sampler(image_embeds)
-        return self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        vision = self.vision_tower(pixel_values, output_hidden_states=bool(output_hidden_states),
+                                   output_attentions=bool(output_attentions))
+        image_embeds = vision.last_hidden_state
+        if config.connector == "perceive_sampler":
+            features = self.perceive_sampler(image_embeds)
+        else:
+            features = self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
+        output = BaseModelOutputWithPooling(last_hidden_state=image_embeds, pooler_output=features,
+                                            hidden_states=vision.hidden_states, attentions=vision.attentions)
+        return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
     def forward(
         self,
@@ -664,7 +710,7 @@ class XComposerModel(XComposerPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         config, text_config = self.config, self.config.text_config
-        cache = cache if cache is not None else past_key_values
+        cache = cache_argument(cache, past_key_values, f"{type(self).__name__}.forward")
         if use_cache is None:
             use_cache = text_config.use_cache and not self.training
         if use_cache and cache is None:
@@ -677,14 +723,16 @@ class XComposerModel(XComposerPreTrainedModel):
         if not compiling:
             self._check_lengths(length, past_length)
 
-        image_rows = image_features = None
+        image_rows = image_features = image_outputs = None
         if inputs_embeds is None:
             image_mask = input_ids == config.image_token_id
             if pixel_values is not None or (not compiling and past_length == 0):
                 self._check_prefill(input_ids, image_mask, pixel_values)
-            inputs_embeds = self.language_model.tok_embeddings(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # rows replaced below
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+                image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                                                        output_attentions=output_attentions, return_dict=True)
+                image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
                 image_rows = image_mask.flatten().nonzero().squeeze(1)  # flat row indices, for Partial LoRA
         elif pixel_values is not None:
@@ -707,7 +755,8 @@ class XComposerModel(XComposerPreTrainedModel):
             output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
             cache_position=cache_position, **kwargs)
         output = XComposerModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, attentions=all_attentions,
-                                      image_hidden_states=image_features, **{CACHE_FIELD: cache if use_cache else None})
+                                      image_hidden_states=image_features, image_outputs=image_outputs,
+                                      **{CACHE_FIELD: cache if use_cache else None})
         return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
     def _check_lengths(self, length: int, past_length: int) -> None:
@@ -763,8 +812,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.output = value
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def merge_lora(self) -> None:
         """Merge plain (all-row) LoRA adapters into the decoder weights, as XComposer v1's inference
@@ -786,9 +835,10 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
                 num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
                 **kwargs) -> XComposerCausalLMOutput | tuple:
         """XComposerModel's forward (the same arguments), then the LM head and, with `labels`, the loss."""
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+        cache = cache_argument(cache, past_key_values, f"{type(self).__name__}.forward")
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, past_key_values=past_key_values,
+                             position_ids=position_ids, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
@@ -803,10 +853,11 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             # The image id is a row of resized embeddings: it marks positions and is never a prediction.
             logits = logits.index_fill(-1, logits.new_tensor([image_id], dtype=torch.long), torch.finfo(logits.dtype).min)
         loss = None
-        if labels is not None:
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
             loss = causal_lm_loss(logits, labels, image_id, input_ids, **loss_kwargs)
         output = XComposerCausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                          attentions=outputs.attentions, image_hidden_states=outputs.image_hidden_states,
+                                         image_outputs=outputs.image_outputs,
                                          **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if (return_dict_default(self.config) if return_dict is None else return_dict) else output.to_tuple()
 
@@ -819,7 +870,15 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         past_length = int(cache.get_seq_length()) if cache is not None else 0
         model_inputs = {}
         if past_length:
-            input_ids, inputs_embeds, pixel_values = input_ids[:, past_length:], None, None
+            # The tokens the cache has not seen. A prompt given as inputs_embeds is not in input_ids, which then holds
+            # the generated tokens only; the padding mask (or 5.x's position ids) spans the whole sequence.
+            total = input_ids.shape[1]
+            if attention_mask is not None and attention_mask.ndim == 2:
+                total = attention_mask.shape[1]
+            elif position_ids is not None:
+                total = position_ids.shape[-1]
+            unseen = total - past_length
+            input_ids, inputs_embeds, pixel_values = input_ids[:, input_ids.shape[1] - unseen:], None, None
         if inputs_embeds is not None:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:  # fresh strides: a slice keeps the whole sequence's, which grow every step (compile guards on them)

@@ -251,7 +251,7 @@ def warm_up_vision(model, processor, steps: int, seed: int, log=print) -> float:
             for shape, colour, (column, row), _, _ in scene:
                 cells[i, column, row] = torch.tensor([shapes.index(shape) + 1, colours.index(colour) + 1])
         targets = cells[:, cell_of_token[:, 0], cell_of_token[:, 1]]  # (N, tokens, 2)
-        logits = head(vit(pixels)[:, 1:])  # (N, tokens, classes)
+        logits = head(vit(pixels).last_hidden_state[:, 1:])  # (N, tokens, classes)
         shape_logits, rest = logits.split([len(shapes) + 1, logits.shape[-1] - len(shapes) - 1], -1)
         colour_logits, where_logits = rest.split([len(colours) + 1, 2 * side], -1)
         loss = (cross_entropy(shape_logits.flatten(0, 1), targets[..., 0].flatten())

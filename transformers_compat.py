@@ -109,6 +109,17 @@ def cache_update(cache, key, value, layer_idx: int, cache_position):
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def cache_argument(cache, past_key_values, where: str):
+    """The cache a forward was given under either name. Where the name is `cache` (5.24+), `past_key_values`
+    gets the FutureWarning transformers' own models give for it."""
+    if past_key_values is None:
+        return cache
+    if CACHE_FIELD == "cache" and not torch.compiler.is_compiling():
+        warnings.warn(f"`past_key_values` is deprecated for `{where}` since transformers 5.24; pass `cache` instead.",
+                      FutureWarning, stacklevel=3)
+    return cache if cache is not None else past_key_values
+
+
 def static_cache_length(cache) -> int | None:
     """The fixed key length of a static cache, None for a growing one. The method was get_max_length (4.45),
     get_max_cache_shape (4.47-5.1x), then get_max_length again (5.20+); since 4.57 it takes a layer index,

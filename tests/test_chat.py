@@ -89,7 +89,7 @@ def test_chat_history_keeps_earlier_images_in_context(version):
     image = Image.new("RGB", (40, 30), (200, 200, 10))
     _, history = model.chat(tokenizer, "What is it?", images=image, system="", max_new_tokens=3)
     seen = []
-    model.model.vision_tower.register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    model.model.vision_tower.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state.shape[0]))
     _, history = model.chat(tokenizer, "And its colour?", history=history, system="", max_new_tokens=3)
     assert seen == [1] and len(history) == 2
 

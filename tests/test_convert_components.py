@@ -68,7 +68,7 @@ def test_components_v2_fresh_model_keeps_llm_and_clip_numerics(tmp_path):
     pixels = images(2)
     with torch.no_grad():
         expected = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        torch.testing.assert_close(default.model.vision_tower(pixels), expected, rtol=0, atol=ATOL)
+        torch.testing.assert_close(default.model.vision_tower(pixels).last_hidden_state, expected, rtol=0, atol=ATOL)
 
 
 def test_components_v1_fresh_model_from_eva_qformer_and_internlm(tmp_path):

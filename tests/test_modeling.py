@@ -72,7 +72,7 @@ def test_image_features_land_at_image_token_positions(version):
     ids = torch.tensor([prompt(cfg, [20], 2, [30])])
     px = pixels(cfg, 2)
     with torch.no_grad():
-        features = model.get_image_features(px)
+        features = model.get_image_features(px).pooler_output
         out = model.model(ids, pixel_values=px, output_hidden_states=True)
     assert features.shape == (2, cfg.num_image_tokens, cfg.text_config.hidden_size)
     embeds = out.hidden_states[0][0]
@@ -284,8 +284,8 @@ def test_perceive_sampler_output_for_an_image_does_not_depend_on_the_batch():
     cfg = model.config
     px = pixels(cfg, 3)
     with torch.no_grad():
-        batched = model.get_image_features(px)
-        alone = torch.cat([model.get_image_features(px[i:i + 1]) for i in range(3)])
+        batched = model.get_image_features(px).pooler_output
+        alone = torch.cat([model.get_image_features(px[i:i + 1]).pooler_output for i in range(3)])
     assert batched.shape == (3, cfg.qformer_config.num_query_tokens + 2, cfg.text_config.hidden_size)
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
     sampler = model.model.perceive_sampler
