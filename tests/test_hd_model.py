@@ -187,9 +187,15 @@ def test_chat_builds_the_25_prompt_greedy_streams_and_remembers_images(hd):
                 if t not in processor.stop_token_ids]
     assert second == processor.tokenizer.decode(expected, skip_special_tokens=True)
     # a second image makes each image take its place in its own turn, with hd_num_multi tiles
-    third, history = model.chat(processor, "Compare with this one.", images=noise(60, 90, 14), history=history,
-                                max_new_tokens=3)
-    assert len(history) == 3 and third is not None
+    other = noise(60, 90, 14)
+    third, history = model.chat(processor, "Compare with this one.", images=other, history=history, max_new_tokens=3)
+    prompt = chat_prompt_2d5("<ImageHere>Compare with this one.", 2,
+                             history=[("<ImageHere>What is it?", response), ("And the colour?", second)])
+    rows, mask, _ = reference(hd, prompt, [image, other], 6)
+    expected = [t for t in hd_greedy(config, sd, rows, mask, 3, processor.stop_token_ids)
+                if t not in processor.stop_token_ids]
+    assert third == processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert [turn[2] for turn in history] == [[image], [], [other]]
     streamed = []
 
     class Streamer:
