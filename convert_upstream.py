@@ -6,7 +6,8 @@ The format is detected from SRC/config.json; `detect_format` answers with the co
 for v1, "mlp2x_gelu" for XComposer2). XComposer-2.5 and 4KHD are XComposer2 checkpoints whose tensors include
 the tile separators (`plora_glb_GN`); their tile size and the projector's merged input width come from the
 tensors, and the image behaviour (padding, clamp, tile budgets) from the tile size: 560 px is XComposer-2.5
-(the code that ran: bottom padding, clamp, 24 / 6 tiles), 336 px XComposer2-4KHD (centred, no clamp, 25). The mapping is a set of key tables, one row per upstream tensor, plus
+(the code that ran: bottom padding, clamp, 24 / 6 tiles), 336 px XComposer2-4KHD (centred, no clamp, 25).
+The mapping is a set of key tables, one row per upstream tensor, plus
 a few layout fixes: InternLM2's per-KV-group wqkv is reordered to [Q; K; V], CLIP's and InternLM's q/k/v are
 fused, and v1's plain LoRA is folded into its weights in fp32. Sizes that upstream config.json files do not
 carry come from tensor shapes; the sizes they do carry are checked against the tensors before any model is

@@ -99,7 +99,8 @@ def write_model_card(folder, config: XComposerConfig, repo_id: str | None = None
         generation="XComposer (2023)" if v1 else "XComposer-2.5 / 4KHD (2024), high-resolution tiles" if tiles else
                    "XComposer2 (2024)",
         vision=f"{'EVA-CLIP' if vision.variant == 'eva' else 'CLIP'} ViT, {vision.num_hidden_layers} layers, "
-               f"width {vision.hidden_size}, {vision.image_size} px{' tiles' if tiles else ''}, patch {vision.patch_size}",
+               f"width {vision.hidden_size}, {vision.image_size} px{' tiles' if tiles else ''}, "
+               f"patch {vision.patch_size}",
         connector=(f"perceive sampler: {config.qformer_config.num_query_tokens} queries, "
                    f"{config.qformer_config.num_hidden_layers} Q-Former layers") if v1 else
                   (f"global view + up to {config.hd_num} tiles, 2x2 merge, row separators, MLP projector" if tiles

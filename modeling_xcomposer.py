@@ -727,7 +727,8 @@ class XComposerModel(XComposerPreTrainedModel):
                              f"got {tuple(pixel_values.shape)}")
         if self.config.dynamic_tiles:
             if image_grid is None:
-                raise ValueError("a high-resolution model needs image_grid (the processor returns it) with pixel_values")
+                raise ValueError("a high-resolution model needs image_grid (the processor returns it) with "
+                                 "pixel_values")
             grids = tile_grids(image_grid, pixel_values.shape[0])
             patches = self.vision_tower(pixel_values)[:, 1:]  # (views, G*G, C): CLS dropped
             return self.vision_proj(self.tile_layout(patches, grids))
@@ -835,7 +836,8 @@ class XComposerModel(XComposerPreTrainedModel):
             return
         if config.dynamic_tiles:
             if image_grid is None:
-                raise ValueError("a high-resolution model needs image_grid (the processor returns it) with pixel_values")
+                raise ValueError("a high-resolution model needs image_grid (the processor returns it) with "
+                                 "pixel_values")
             grids = tile_grids(image_grid, pixel_values.shape[0])
             expected = sum(config.hd_num_image_tokens(rows, cols) for rows, cols in grids)
             if num_slots != expected:

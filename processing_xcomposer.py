@@ -851,7 +851,8 @@ class XComposerHDProcessor(XComposerProcessor):
         if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
             per_sample = [_flatten_images(images)] if len(texts) == 1 else None
         if per_sample is not None:
-            texts = [t if self.image_token in t else self.image_token * len(ims) + t for t, ims in zip(texts, per_sample)]
+            texts = [t if self.image_token in t else self.image_token * len(ims) + t
+                     for t, ims in zip(texts, per_sample)]
         else:
             per_sample = self._deal(_flatten_images(images), [t.count(self.image_token) for t in texts])
         max_length = self.max_length if max_length is None else max_length

@@ -48,7 +48,8 @@ def test_conversion_maps_every_tensor_ignores_video_memory_and_goes_back_bit_for
     assert torch.equal(ours["model.tile_layout.sub_GN"], sd["plora_sub_GN"])
     assert not any(name.startswith("video_mem_proj") for name in ours)
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert (config["hd_num"], config["hd_num_multi"], config["hd_padding"], config["hd_clamp"]) == (24, 6, "bottom", True)
+    hd = (config["hd_num"], config["hd_num_multi"], config["hd_padding"], config["hd_clamp"])
+    assert hd == (24, 6, "bottom", True)
     assert config["text_config"]["rope_dynamic_factor"] == 2.0 and config["vision_config"]["image_size"] == TILE
 
     assert convert_checkpoint.main(["--to", "upstream", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
@@ -126,7 +127,8 @@ def test_command_line_contract_convert_then_auto_classes(tmp_path):
     for i, size in enumerate([(150, 60), (50, 120)]):
         paths.append(str(tmp_path / f"image{i}.png"))
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
-    prompt = "[UNUSED_TOKEN_146]user\nFirst <ImageHere> then <ImageHere>?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
+    prompt = ("[UNUSED_TOKEN_146]user\nFirst <ImageHere> then <ImageHere>?[UNUSED_TOKEN_145]\n"
+              "[UNUSED_TOKEN_146]assistant\n")
     (tmp_path / "out.pt.json").write_text(json.dumps({"prompt": prompt, "images": paths, "hd_num": 3}))
     child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "dst"), str(tmp_path / "out.pt")],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -157,7 +157,8 @@ def test_processor_round_trips_through_save_and_load(tmp_path):
     proc.save_pretrained(tmp_path)
     loaded = XComposerHDProcessor.from_pretrained(tmp_path, trust_remote_code=True)  # its tokenizer is remote code
     image = loaded.image_processor
-    assert (image.hd_num, image.hd_num_multi, image.padding, image.clamp, image.tile_size) == (5, 3, "center", False, 56)
+    settings = (image.hd_num, image.hd_num_multi, image.padding, image.clamp, image.tile_size)
+    assert settings == (5, 3, "center", False, 56)
     text, images = "<ImageHere>What?", [noise(90, 60)]
     for key in ("input_ids", "pixel_values", "image_grid"):
         assert torch.equal(loaded(text=text, images=images)[key], proc(text=text, images=images)[key])
