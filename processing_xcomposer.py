@@ -817,7 +817,7 @@ class XComposerHDProcessor(XComposerProcessor):
                 out.append(token)
         return out
 
-    def _images(self, images, hd_num, return_tensors) -> tuple:
+    def _images(self, images, hd_num) -> tuple:
         """One sample's images -> (features, image ids per image)."""
         features = self.image_processor(images, hd_num=hd_num, return_tensors="pt")
         counts = [self.image_processor.num_image_tokens(r, c) for r, c in features["image_grid"].tolist()]
@@ -866,7 +866,7 @@ class XComposerHDProcessor(XComposerProcessor):
             self._check_text(sample)
             counts = []
             if sample_images:
-                sample_features, counts = self._images(sample_images, hd_num, return_tensors)
+                sample_features, counts = self._images(sample_images, hd_num)
                 features.append(sample_features)
             ids = self._expand(chunks, add_special_tokens, counts)
             self._check_length(index, sample, len(ids), max_length)
@@ -927,7 +927,7 @@ class XComposerHDProcessor(XComposerProcessor):
                 raise ValueError(f"the conversation has {slots[index]} {self.image_token} placeholders but "
                                  f"{len(sample_images)} images were given")
             if sample_images:
-                sample_features, counts = self._images(sample_images, hd_num, return_tensors)
+                sample_features, counts = self._images(sample_images, hd_num)
                 features.append(sample_features)
                 sample = self._widen(sample, counts)
             if limit is not None and len(sample) > limit:
