@@ -3,6 +3,7 @@
     python benchmark.py                      # CUDA: full size (XComposer2-VL-7B) with random bf16 weights
     python benchmark.py --size small         # CPU: a small model, same prompts scaled down
     python benchmark.py --size tiny --quick  # seconds; what the tests run
+    python benchmark.py --hd --size small    # XComposer-2.5: prefill of one image at hd_num 24
 
 Measures prefill latency (one image + 64 text tokens), time to first token, batch-1 decode tokens/s, batched
 decode throughput, and peak memory, for each mode:
@@ -11,7 +12,9 @@ decode throughput, and peak memory, for each mode:
 - upstream: what the original remote code does: eager attention, no KV cache (its config disables it),
   and Partial LoRA that checks `im_mask.sum() > 0` on the host in every linear.
 On CUDA it also prints the memory-bandwidth bound: decoder bytes read per token / measured copy bandwidth.
-Ends with one JSON line holding every figure.
+With --hd it measures XComposer-2.5 instead: preprocessing and prefill of one 16:9 image at hd_num 24 (a global
+view plus 24 tiles) with 64 text tokens, ours against the upstream way. Ends with one JSON line holding every
+figure.
 """
 
 import argparse
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configuration_xcomposer import XComposerConfig  # noqa: E402
 from transformers_compat import set_attn_implementation  # noqa: E402
 from modeling_xcomposer import PartialLoRALinear, XComposerForCausalLM  # noqa: E402
+from processing_xcomposer import XComposerHDImageProcessor  # noqa: E402
 
 SIZES = {
     "full": dict(preset="xcomposer2-vl-7b"),
@@ -43,8 +47,19 @@ SIZES = {
 }
 
 
-def build(size: str, device, dtype) -> XComposerForCausalLM:
-    spec = dict(SIZES[size])
+# XComposer-2.5 at three sizes; small: 112 px tiles (8 x 8 patches, 16 tokens a view) and the small decoder.
+HD_SIZES = {
+    "full": dict(preset="xcomposer2d5-7b"),
+    "small": dict(vision_config=dict(SIZES["small"]["vision_config"], image_size=112),
+                  text_config=dict(SIZES["small"]["text_config"], max_position_embeddings=8192), hd_num=24,
+                  hd_num_multi=6),
+    "tiny": dict(SIZES["tiny"], hd_num=24, hd_num_multi=6),
+}
+HD_IMAGE = (1920, 1080)  # at 560 px tiles, hd_num 24: a 3 x 4 grid; smaller tiles give more of them
+
+
+def build(size: str, device, dtype, sizes=SIZES) -> XComposerForCausalLM:
+    spec = dict(sizes[size])
     config = XComposerConfig.from_preset(spec.pop("preset")) if "preset" in spec else XComposerConfig(**spec)
     with torch.device("meta"):
         model = XComposerForCausalLM(config)
@@ -163,6 +178,45 @@ def bandwidth_bound(model, device) -> dict:
             "bound_tok_s": bandwidth / weight_bytes}
 
 
+def hd_inputs(config, device, num_text: int = 64) -> dict:
+    """One 16:9 picture at the config's hd_num (24), after BOS, then `num_text` text tokens."""
+    from PIL import Image
+
+    image = Image.linear_gradient("L").resize(HD_IMAGE).convert("RGB")
+    processor = XComposerHDImageProcessor.for_model(config)
+    start = time.perf_counter()
+    features = processor([image])
+    preprocess = time.perf_counter() - start
+    rows, cols = features["image_grid"][0].tolist()
+    count = config.hd_num_image_tokens(rows, cols)
+    input_ids = torch.tensor([[1] + [config.image_token_id] * count + [7] * num_text], device=device)
+    return dict(input_ids=input_ids, pixel_values=features["pixel_values"].to(device),
+                image_grid=features["image_grid"].to(device)), {"grid": [rows, cols], "preprocess_ms": 1e3 * preprocess}
+
+
+def hd_main(args, device, dtype) -> dict:
+    model = build(args.size, device, dtype, HD_SIZES)
+    inputs, facts = hd_inputs(model.config, device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    results = {"size": args.size, "device": str(device), "dtype": str(dtype).split(".")[-1], "hd_num": 24,
+               "image": list(HD_IMAGE), "tile": model.config.vision_config.image_size, **facts,
+               "prompt_tokens": inputs["input_ids"].shape[1],
+               "parameters_b": sum(p.numel() for p in model.parameters()) / 1e9}
+    for name in args.modes.split(","):
+        with mode(model, name, args.attn), torch.no_grad():
+            results[f"{name}/prefill_ms"] = 1e3 * timed(lambda: model(**inputs, use_cache=name != "upstream"),
+                                                        device, args.repeats)
+    print(f"XComposer-2.5 prefill, one {HD_IMAGE[0]}x{HD_IMAGE[1]} image at hd_num 24: {results['grid']} tiles of "
+          f"{results['tile']} px, {results['prompt_tokens']} tokens")
+    for name in args.modes.split(","):
+        print(f"  {name:<10}{results[f'{name}/prefill_ms']:>10.1f} ms")
+    if "ours/prefill_ms" in results and "upstream/prefill_ms" in results:
+        results["speedup/prefill"] = results["upstream/prefill_ms"] / results["ours/prefill_ms"]
+        print(f"  speed-up over upstream-style: x{results['speedup/prefill']:.2f}")
+    print(json.dumps(results))
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), help="default: full on CUDA, small on CPU")
@@ -176,6 +230,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3, quick 1)")
     parser.add_argument("--modes", default="ours,upstream")
     parser.add_argument("--quick", action="store_true", help="few tokens and repeats, for smoke tests")
+    parser.add_argument("--hd", action="store_true", help="XComposer-2.5: prefill of one image at hd_num 24")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.size = args.size or ("full" if device.type == "cuda" else "small")
@@ -184,6 +239,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
+    if args.hd:
+        return hd_main(args, device, dtype)
 
     model = build(args.size, device, dtype)
     prompts = {"one_image_64_text": (1, 64), "text_heavy": (1, 512 if args.size != "tiny" else 64),

@@ -5,6 +5,11 @@ One config serves both generations. `connector` selects the path between image a
 - "perceive_sampler": v1. EVA-CLIP ViT-g -> BLIP-2 Q-Former with learned queries -> projection,
   wrapped in learned start/end flags -> InternLM (LoRA merged, or as plain adapters).
 
+XComposer-2.5 and XComposer2-4KHD are "mlp2x_gelu" models that see an image as a global view plus a grid of
+tiles (`hd_num` set): the tile is `vision_config.image_size`, 2x2 patch tokens merge into one (`HD_MERGE`), learned
+separators mark rows and the global/tile boundary, and the number of image positions depends on the image's size
+(`hd_image_tokens`).
+
 The classes use a classic `__init__` (attributes set after the base class's own), which every
 transformers release from 4.45 to 5.x accepts for remote code; sub-configs are built here from dicts.
 """
@@ -31,6 +36,9 @@ AUTO_MAP = {
     "AutoProcessor": "processing_xcomposer.XComposerProcessor",
 }
 CONNECTORS = ("mlp2x_gelu", "perceive_sampler")
+# XComposer-2.5 / 4KHD: each HD_MERGE x HD_MERGE block of patch tokens becomes one token (fixed in upstream code).
+HD_MERGE = 2
+HD_PADDINGS = ("bottom", "center")  # where a tile grid's white padding goes (upstream copies differ)
 # The decoder linears that carry (Partial) LoRA, attention then feed-forward, as InternLM2 names them.
 LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 
@@ -56,6 +64,13 @@ def _positive_floats(where: str, config, names) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{where}.{name} must be a positive number, got {value!r}")
+
+
+def hd_image_tokens(rows: int, cols: int, merged_grid: int) -> int:
+    """Image positions of one HD image whose tile grid is rows x cols, each view merged to merged_grid x
+    merged_grid tokens: the global view with a row separator after each of its rows, one global/tile separator,
+    then the stitched tile grid with a separator after each of its rows."""
+    return (rows * cols + 1) * merged_grid**2 + 1 + (rows + 1) * merged_grid
 
 
 def _check_heads(where: str, hidden_size: int, num_heads: int) -> None:
@@ -112,7 +127,10 @@ class XComposerQFormerConfig(PretrainedConfig):
 
 class XComposerTextConfig(PretrainedConfig):
     """The InternLM (v1) / InternLM2 (v2) decoder. v1 is `attention_bias=True`, MHA, rope_theta 1e4;
-    v2 is GQA with rope_theta 1e6. The low-rank adapters act on image rows only
+    v2 is GQA with rope_theta 1e6. `rope_dynamic_factor` f (XComposer-2.5: 2.0) turns on InternLM2's dynamic NTK
+    scaling: a sequence of L > max_position_embeddings tokens is rotated with base
+    rope_theta * (f * L / max_position_embeddings - (f - 1)) ** (head_dim / (head_dim - 2)), and sequences up to
+    f * max_position_embeddings tokens are allowed (`max_sequence_length`). The low-rank adapters act on image rows only
     (`lora_scope="image"`, Partial LoRA of v2) or on every row (`"all"`, plain LoRA of v1);
     `lora_rank=0` means none (v1 after merging)."""
 
@@ -124,7 +142,7 @@ class XComposerTextConfig(PretrainedConfig):
                  num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768,
                  rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=False, attention_dropout=0.0, lora_rank=256,
                  lora_alpha=256.0, lora_dropout=0.05, lora_scope="image", lora_targets=None, initializer_range=0.02,
-                 use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs):
+                 use_cache=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_dynamic_factor=None, **kwargs):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         _set_arguments(self, locals())
@@ -143,10 +161,20 @@ class XComposerTextConfig(PretrainedConfig):
             raise ValueError(f"text_config.lora_targets: unknown {unknown}; choose from {list(LORA_TARGETS)}")
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
             raise ValueError(f"text_config.lora_rank must be an integer >= 0, got {lora_rank!r}")
+        if rope_dynamic_factor is not None:  # not rope_scaling: transformers 5.x turns that name into a property
+            _positive_floats("text_config", self, ("rope_dynamic_factor",))
+            if rope_dynamic_factor < 1:
+                raise ValueError(f"text_config.rope_dynamic_factor must be at least 1, got {rope_dynamic_factor!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the decoder takes: max_position_embeddings, times the dynamic NTK factor if any."""
+        factor = getattr(self, "rope_dynamic_factor", None)
+        return self.max_position_embeddings if factor is None else int(self.max_position_embeddings * factor)
 
 
 def _sub_config(cls, value, where: str):
@@ -165,6 +193,13 @@ class XComposerConfig(PretrainedConfig):
     `image_token_id` marks one image position in `input_ids`; it defaults to `text_config.vocab_size`,
     an id outside the vocabulary so the model can never generate it. `num_image_tokens` (derived) is how
     many such positions one image takes: v2 one per patch, v1 the queries plus the start and end flags.
+
+    High-resolution images (XComposer-2.5, XComposer2-4KHD; `hd_num` set, connector "mlp2x_gelu"): an image is
+    resized and padded to a grid of tiles of `vision_config.image_size` px, at most `hd_num` tiles when a sample
+    has one image and `hd_num_multi` each when it has several. `hd_clamp` (2.5) keeps a small image from growing
+    past ceil(width / tile) tile columns; `hd_padding` puts the white padding at the "bottom" (the 2.5 code that
+    ran) or centres it ("center", 4KHD). The count of image positions then depends on the image
+    (`hd_num_image_tokens(rows, cols)`), so `num_image_tokens` is an error for these models.
     """
 
     model_type = "xcomposer"
@@ -173,7 +208,7 @@ class XComposerConfig(PretrainedConfig):
     sub_configs = {"vision_config": XComposerVisionConfig, "text_config": XComposerTextConfig}
 
     def __init__(self, vision_config=None, text_config=None, qformer_config=None, connector="mlp2x_gelu",
-                 image_token_id=None, **kwargs):
+                 image_token_id=None, hd_num=None, hd_num_multi=None, hd_padding=None, hd_clamp=None, **kwargs):
         kwargs.setdefault("tie_word_embeddings", False)
         attn_implementation = kwargs.get("attn_implementation")
         super().__init__(**kwargs)
@@ -194,6 +229,7 @@ class XComposerConfig(PretrainedConfig):
         self.image_token_id = self.text_config.vocab_size if image_token_id is None else image_token_id
         if isinstance(self.image_token_id, bool) or not isinstance(self.image_token_id, int) or self.image_token_id < 0:
             raise ValueError(f"image_token_id must be a non-negative integer, got {self.image_token_id!r}")
+        self._set_tiles(hd_num, hd_num_multi, hd_padding, hd_clamp)
         if not getattr(self, "auto_map", None):
             self.auto_map = dict(AUTO_MAP)
         if attn_implementation is not None:  # the base class set it before the sub-configs existed
@@ -218,11 +254,55 @@ class XComposerConfig(PretrainedConfig):
             qformer._attn_implementation = value.get("qformer_config", qformer._attn_implementation) \
                 if isinstance(value, dict) else value
 
+    def _set_tiles(self, hd_num, hd_num_multi, hd_padding, hd_clamp) -> None:
+        """The HD fields: all None (v1, v2), or a tile budget with its defaults (those of the 2.5 code that ran)."""
+        if hd_num is None:
+            given = {k: v for k, v in dict(hd_num_multi=hd_num_multi, hd_padding=hd_padding, hd_clamp=hd_clamp).items()
+                     if v is not None}
+            if given:
+                raise ValueError(f"{sorted(given)} need hd_num (the tile budget of a high-resolution model)")
+            self.hd_num = self.hd_num_multi = self.hd_padding = self.hd_clamp = None
+            return
+        if self.connector != "mlp2x_gelu":
+            raise ValueError(f"hd_num (high-resolution tiles) needs connector 'mlp2x_gelu', not {self.connector!r}")
+        self.hd_num = hd_num
+        self.hd_num_multi = hd_num if hd_num_multi is None else hd_num_multi
+        self.hd_padding = "bottom" if hd_padding is None else hd_padding
+        self.hd_clamp = True if hd_clamp is None else hd_clamp
+        _positive_ints("config", self, ("hd_num", "hd_num_multi"))
+        if self.hd_padding not in HD_PADDINGS:
+            raise ValueError(f"hd_padding must be one of {HD_PADDINGS}, got {self.hd_padding!r}")
+        if not isinstance(self.hd_clamp, bool):
+            raise ValueError(f"hd_clamp must be true or false, got {self.hd_clamp!r}")
+        grid = self.vision_config.image_size // self.vision_config.patch_size
+        if grid % HD_MERGE:
+            raise ValueError(f"high-resolution tiles merge {HD_MERGE}x{HD_MERGE} patches: the tile's patch grid "
+                             f"(vision_config.image_size / patch_size = {grid}) must be a multiple of {HD_MERGE}")
+
+    @property
+    def dynamic_tiles(self) -> bool:
+        """True for XComposer-2.5 / 4KHD: images as a global view plus a grid of tiles."""
+        return getattr(self, "hd_num", None) is not None
+
+    @property
+    def hd_merge(self) -> int:
+        """High-resolution models merge each hd_merge x hd_merge block of patch tokens into one (HD_MERGE)."""
+        return HD_MERGE
+
     @property
     def num_image_tokens(self) -> int:
         if self.connector == "perceive_sampler":
             return self.qformer_config.num_query_tokens + 2
+        if self.dynamic_tiles:
+            raise ValueError("a high-resolution (hd_num) model has no fixed number of image tokens: it depends on "
+                             "each image's tile grid; use config.hd_num_image_tokens(rows, cols)")
         return self.vision_config.num_patches
+
+    def hd_num_image_tokens(self, rows: int, cols: int) -> int:
+        """Image positions of one image whose tile grid is rows x cols (high-resolution models)."""
+        if not self.dynamic_tiles:
+            raise ValueError("hd_num_image_tokens is for high-resolution (hd_num) models")
+        return hd_image_tokens(rows, cols, self.vision_config.image_size // self.vision_config.patch_size // HD_MERGE)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "XComposerConfig":
@@ -240,6 +320,13 @@ _V1_TEXT = dict(vocab_size=103170, eos_token_id=[2, 103028], hidden_size=4096, i
 _EVA_G = dict(variant="eva", hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,  # BLIP-2 drops the 40th
               num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6)
 
+# XComposer-2.5 and 4KHD: facts page UPSTREAM_FORMATS_HD.md. The decoder sizes and rope_theta are [unverified]
+# (the Hub config.json files were not read); 2.5's dynamic factor 2.0 is [unverified] too, and its
+# max_position_embeddings is not on the facts page: 24576 is the paper's "trained with 24K contexts" [guess].
+# 4KHD's rope settings and hd_num default are not known: v2's decoder values and the evaluation wrappers' 25.
+_HD_TEXT = dict(_V2_TEXT, max_position_embeddings=24576, rope_dynamic_factor=2.0)
+_CLIP_HD = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+
 PRESETS = {
     "xcomposer2-vl-7b": dict(connector="mlp2x_gelu", vision_config=dict(image_size=490), text_config=_V2_TEXT),
     "xcomposer2-7b": dict(connector="mlp2x_gelu", vision_config=dict(image_size=224), text_config=_V2_TEXT),
@@ -247,6 +334,12 @@ PRESETS = {
                             qformer_config=dict(encoder_hidden_size=1408)),
     "xcomposer-7b": dict(connector="perceive_sampler", vision_config=_EVA_G, text_config=_V1_TEXT,
                          qformer_config=dict(encoder_hidden_size=1408)),
+    # internlm-xcomposer2d5-7b: 560 px tiles, 24 tiles for one image, 6 each for several, bottom padding [ran]
+    "xcomposer2d5-7b": dict(connector="mlp2x_gelu", vision_config=dict(_CLIP_HD, image_size=560), text_config=_HD_TEXT,
+                            hd_num=24, hd_num_multi=6, hd_padding="bottom", hd_clamp=True),
+    # internlm-xcomposer2-4khd-7b: 336 px tiles, centred padding, no clamp [4KHD, not run]
+    "xcomposer2-4khd-7b": dict(connector="mlp2x_gelu", vision_config=dict(_CLIP_HD, image_size=336),
+                               text_config=_V2_TEXT, hd_num=25, hd_num_multi=25, hd_padding="center", hd_clamp=False),
 }
 
 XComposerConfig.register_for_auto_class()

@@ -3,7 +3,11 @@
     python convert_checkpoint.py SRC DST
 
 The format is detected from SRC/config.json; `detect_format` answers with the connector ("perceive_sampler"
-for v1, "mlp2x_gelu" for XComposer2). The mapping is a set of key tables, one row per upstream tensor, plus
+for v1, "mlp2x_gelu" for XComposer2). XComposer-2.5 and 4KHD are XComposer2 checkpoints whose tensors include
+the tile separators (`plora_glb_GN`); their tile size and the projector's merged input width come from the
+tensors, and the image behaviour (padding, clamp, tile budgets) from the tile size: 560 px is XComposer-2.5
+(the code that ran: bottom padding, clamp, 24 / 6 tiles), 336 px XComposer2-4KHD (centred, no clamp, 25).
+The mapping is a set of key tables, one row per upstream tensor, plus
 a few layout fixes: InternLM2's per-KV-group wqkv is reordered to [Q; K; V], CLIP's and InternLM's q/k/v are
 fused, and v1's plain LoRA is folded into its weights in fp32. Sizes that upstream config.json files do not
 carry come from tensor shapes; the sizes they do carry are checked against the tensors before any model is
@@ -23,7 +27,7 @@ from transformers.activations import ACT2FN
 from checkpoint_io import (DEFAULT_SHARD_SIZE, Checkpoint, ConversionError, ConversionResult, Rules, ShapesOnly,
                            ShardWriter, check_destination, key_table, output_folder, parse_dtype, parse_size, plan,
                            planned_bytes, progress_bar, read_json, source_dtype, write_tensors)
-from configuration_xcomposer import LORA_TARGETS, PRESETS, XComposerConfig
+from configuration_xcomposer import HD_MERGE, LORA_TARGETS, PRESETS, XComposerConfig
 from model_folder import write_folder_files
 from modeling_xcomposer import XComposerForCausalLM, interpolate_pos_embed
 from processing_xcomposer import XComposerProcessor
@@ -31,6 +35,15 @@ from tokenization_internlm import InternLMTokenizer
 from transformers_compat import DTYPE_ARG
 
 UPSTREAM_NAMES = {"perceive_sampler": "XComposer v1", "mlp2x_gelu": "XComposer2"}
+HD_NAME = "XComposer-2.5 / 4KHD"
+HD_SENTINEL = "plora_glb_GN"  # only the high-resolution models have the tile separators
+# OmniLive's 2.5 base carries a video-memory projector that the image path never reads.
+HD_IGNORED = ("video_mem_proj.",)
+# The image behaviour fixed in each upstream copy's code, by tile size (facts page UPSTREAM_FORMATS_HD.md):
+# 336 px is 4KHD (centred padding, no clamp; hd_num 25 as its evaluation wrappers, a choice); any other tile is
+# treated as XComposer-2.5 (560 px), whose code ran.
+HD_BEHAVIOUR = {336: dict(hd_num=25, hd_num_multi=25, hd_padding="center", hd_clamp=False)}
+HD_DEFAULT_BEHAVIOUR = dict(hd_num=24, hd_num_multi=6, hd_padding="bottom", hd_clamp=True)
 VT, PS, LM = "model.vision_tower.", "model.perceive_sampler.", "model.language_model."
 UPSTREAM_CLIP = "vit.vision_tower.vision_model."
 V1_ADDED_TOKENS = ["<ITG_TOKEN>", "<SOI_TOKEN>"]  # upstream v1's vocabulary = sentencepiece pieces + these two
@@ -60,6 +73,10 @@ encoder.layers.{}.mlp.fc2.*             blocks.{}.mlp.fc2.*
 PROJECTOR_KEYS = """                                          # the XComposer2 MLP projector
 vision_proj.0.*                         model.vision_proj.0.*
 vision_proj.2.*                         model.vision_proj.2.*
+"""
+TILE_KEYS = """                                               # XComposer-2.5 / 4KHD's separators
+plora_glb_GN                            model.tile_layout.glb_GN
+plora_sub_GN                            model.tile_layout.sub_GN
 """
 INTERNLM2_KEYS = """                                          # -> model.language_model.
 model.tok_embeddings.weight                    tok_embeddings.weight
@@ -251,7 +268,10 @@ def upstream_rules(cfg: dict, config: XComposerConfig) -> Rules:
     text = config.text_config
     if config.connector == "mlp2x_gelu":
         table = {**clip_table(UPSTREAM_CLIP), **internlm2_table(plora=True), **key_table(PROJECTOR_KEYS)}
-        return Rules(table, {**clip_fixes(), **internlm2_fixes(text.num_attention_heads, text.num_key_value_heads)})
+        fixes = {**clip_fixes(), **internlm2_fixes(text.num_attention_heads, text.num_key_value_heads)}
+        if config.dynamic_tiles:
+            return Rules({**table, **key_table(TILE_KEYS)}, fixes, ignore=HD_IGNORED)
+        return Rules(table, fixes)
     modules, scaling, rank = v1_lora(cfg)
     llm = internlm_table("internlm_model.", modules)
     table = {**eva_table("visual_encoder."), **ln_vision_table(), **qformer_table(), **llm}
@@ -478,6 +498,9 @@ def _derive_config(cfg: dict, shapes: dict) -> XComposerConfig:
         vision = clip_sizes(shapes, UPSTREAM_CLIP)
         if "img_size" in cfg:
             check_image_size(cfg["img_size"], vision, "config.json", "img_size")
+        if HD_SENTINEL in shapes:
+            return make_config(connector=connector, vision_config=vision, text_config=text,
+                               **hd_fields(cfg, shapes, vision, text))
         return make_config(connector=connector, vision_config=vision, text_config=text)
     if connector == "ours":
         raise ConversionError("this is already a folder of ours")
@@ -488,6 +511,27 @@ def _derive_config(cfg: dict, shapes: dict) -> XComposerConfig:
                               f"{qformer['num_query_tokens']}", ["num_query_token", "query_tokens"])
     return make_config(connector=connector, vision_config=eva_sizes(shapes, "visual_encoder."),
                        qformer_config=qformer, text_config=text)
+
+
+def hd_fields(cfg: dict, shapes: dict, vision: dict, text: dict) -> dict:
+    """XComposer-2.5 / 4KHD: the projector must take merged tokens (HD_MERGE^2 x the CLIP width); the dynamic NTK
+    factor comes from config.json's rope_scaling (it is set in `text`); the image behaviour from the tile size."""
+    width = _shape(shapes, "vision_proj.0.weight", 2)[1]
+    if width != HD_MERGE**2 * vision["hidden_size"]:
+        raise ConversionError(f"vision_proj.0.weight takes {width} features, but the tile separators need "
+                              f"{HD_MERGE ** 2} x the CLIP width {vision['hidden_size']}", ["vision_proj.0.weight"])
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) == "dynamic":
+        factor = _positive_number(scaling, "factor", where="config.json: rope_scaling")
+        if factor < 1:
+            raise ConversionError(f"config.json: rope_scaling.factor must be at least 1, got {factor!r}",
+                                  ["rope_scaling"])
+        text["rope_dynamic_factor"] = float(factor)
+    return dict(HD_BEHAVIOUR.get(vision["image_size"], HD_DEFAULT_BEHAVIOUR))
+
+
+def source_name(config: XComposerConfig) -> str:
+    return HD_NAME if config.dynamic_tiles else UPSTREAM_NAMES[config.connector]
 
 
 def preset_text(connector: str):
@@ -577,6 +621,10 @@ def convert_upstream(src, dst, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, fo
         raise ConversionError(f"{src} is already in our format; use --to upstream to export it")
     checkpoint = Checkpoint(src)
     config, sources, planned = _plan_conversion(cfg, checkpoint, src)
+    ignored = [name for name in checkpoint.specs if config.dynamic_tiles and name.startswith(HD_IGNORED)]
+    if ignored:
+        print(f"note: ignoring {len(ignored)} tensors {', '.join(sorted(ignored)[:4])}: OmniLive's video-memory "
+              f"projector, which the image path never uses", file=sys.stderr)
     tokenizer = load_tokenizer(src, config)
     dtype = parse_dtype(dtype) or source_dtype(cfg, checkpoint.specs)
     max_bytes = parse_size(max_shard_size)
@@ -584,4 +632,4 @@ def convert_upstream(src, dst, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, fo
         writer = ShardWriter(tmp, max_bytes, progress=bar)
         write_tensors(sources, writer, dtype, planned)
         write_model_files(tmp, config, tokenizer, dtype)
-    return ConversionResult(dst, writer.num_tensors, writer.num_params, UPSTREAM_NAMES[connector], config)
+    return ConversionResult(dst, writer.num_tensors, writer.num_params, source_name(config), config)

@@ -24,8 +24,8 @@ from checkpoint_io import (DEFAULT_SHARD_SIZE, Checkpoint, ConversionError, Conv
                            ShardWriter, check_destination, output_folder, parse_dtype, parse_size, plan, planned_bytes,
                            progress_bar, read_json, source_dtype, template, write_tensors)
 from configuration_xcomposer import LORA_TARGETS, XComposerConfig
-from convert_upstream import (LM, PS, UPSTREAM_NAMES, VT, count_layers, derive_config, detect_format,
-                              expected_shapes, fold_lora, upstream_rules)
+from convert_upstream import (LM, PS, VT, count_layers, derive_config, detect_format, expected_shapes, fold_lora,
+                              source_name, upstream_rules)
 
 
 def groups_from_qkv(w: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -180,6 +180,12 @@ def upstream_config(config: XComposerConfig, dtype: torch.dtype, lora_rank: int)
                     bias=text.attention_bias, kqvo_bias=text.attention_bias, pad_token_id=-1,
                     intern_converted_llm=True, num_query_token=config.qformer_config.num_query_tokens,
                     internlm_lora=lora, **common)
+    if config.dynamic_tiles:  # XComposer-2.5 / 4KHD: the tile size lives in the position table alone
+        factor = text.rope_dynamic_factor
+        return dict(architectures=["InternLMXComposer2ForCausalLM"], model_type="internlmxcomposer2",
+                    bias=text.attention_bias, pad_token_id=text.pad_token_id,
+                    num_key_value_heads=text.num_key_value_heads, max_length=16384, rope_theta=text.rope_theta,
+                    rope_scaling=None if factor is None else {"type": "dynamic", "factor": factor}, **common)
     return dict(architectures=["InternLMXComposer2ForCausalLM"], model_type="internlmxcomposer2",
                 bias=text.attention_bias, pad_token_id=text.pad_token_id,
                 num_key_value_heads=text.num_key_value_heads, max_length=4096, rope_theta=text.rope_theta,
@@ -201,6 +207,8 @@ def structure(config: XComposerConfig) -> dict:
     if vision.variant == "eva":  # CLIP's final norm is absent
         vision_keys.append("final_layer_norm_eps")
     out |= {f"vision_config.{k}": getattr(vision, k) for k in vision_keys}
+    if config.dynamic_tiles:
+        out |= {"tiles": True, "text_config.rope_dynamic_factor": text.rope_dynamic_factor}
     if config.qformer_config is not None:
         qformer = config.qformer_config.to_dict()
         out |= {f"qformer_config.{k}": qformer[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -222,7 +230,7 @@ def _check_faithful(config: XComposerConfig, upstream: dict, produced: dict, src
         problem = "\n  ".join(f"{k}: {ours[k]!r} here, {theirs.get(k)!r} in the upstream format"
                                for k in ours if ours[k] != theirs.get(k))
     if problem:
-        raise ConversionError(f"{src} cannot be expressed in the upstream {UPSTREAM_NAMES[config.connector]} "
+        raise ConversionError(f"{src} cannot be expressed in the upstream {source_name(config)} "
                               f"format:\n  {problem}")
 
 
@@ -289,4 +297,4 @@ def export_upstream(src, dst, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, for
         if os.path.isfile(tokenizer):
             shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
     return ConversionResult(dst, writer.num_tensors, writer.num_params,
-                            f"{UPSTREAM_NAMES[config.connector]} (ours)", upstream, layout="upstream")
+                            f"{source_name(config)} (ours)", upstream, layout="upstream")

@@ -15,7 +15,7 @@ import tempfile
 
 from transformers import GenerationConfig
 
-from configuration_xcomposer import AUTO_MAP, XComposerConfig
+from configuration_xcomposer import AUTO_MAP, HD_MERGE, XComposerConfig
 from processing_xcomposer import XComposerImageProcessor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,28 +88,40 @@ def write_generation_config(folder, config: XComposerConfig) -> None:
 def write_model_card(folder, config: XComposerConfig, repo_id: str | None = None, base_model: str | None = None,
                      title: str | None = None, description: str = "", license: str = "other",
                      parameters: int | None = None) -> None:
-    v1 = config.connector == "perceive_sampler"
+    v1, tiles = config.connector == "perceive_sampler", config.dynamic_tiles
     vision, text = config.vision_config, config.text_config
     card = CARD.format(
         license=license,
         base_model=f"base_model: {base_model}\n" if base_model else "",
-        generation_tag="xcomposer" if v1 else "xcomposer2",
-        title=title or ("InternLM-XComposer" if v1 else "InternLM-XComposer2"),
+        generation_tag="xcomposer" if v1 else "xcomposer2d5" if tiles else "xcomposer2",
+        title=title or ("InternLM-XComposer" if v1 else "InternLM-XComposer-2.5" if tiles else "InternLM-XComposer2"),
         description=description or "A vision-language model in the InternLM-XComposer family.",
-        generation="XComposer (2023)" if v1 else "XComposer2 (2024)",
+        generation="XComposer (2023)" if v1 else "XComposer-2.5 / 4KHD (2024), high-resolution tiles" if tiles else
+                   "XComposer2 (2024)",
         vision=f"{'EVA-CLIP' if vision.variant == 'eva' else 'CLIP'} ViT, {vision.num_hidden_layers} layers, "
-               f"width {vision.hidden_size}, {vision.image_size} px, patch {vision.patch_size}",
+               f"width {vision.hidden_size}, {vision.image_size} px{' tiles' if tiles else ''}, "
+               f"patch {vision.patch_size}",
         connector=(f"perceive sampler: {config.qformer_config.num_query_tokens} queries, "
-                   f"{config.qformer_config.num_hidden_layers} Q-Former layers") if v1 else "MLP projector (mlp2x_gelu)",
+                   f"{config.qformer_config.num_hidden_layers} Q-Former layers") if v1 else
+                  (f"global view + up to {config.hd_num} tiles, 2x2 merge, row separators, MLP projector" if tiles
+                   else "MLP projector (mlp2x_gelu)"),
         decoder=(f"{'InternLM' if v1 else 'InternLM2'}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
                  f"{text.num_attention_heads}/{text.num_key_value_heads} heads"
                  + (f", Partial LoRA rank {text.lora_rank}" if text.lora_rank and text.lora_scope == "image" else "")),
-        image_tokens=config.num_image_tokens,
+        image_tokens=_image_tokens(config),
         parameters=f"{parameters:,}" if parameters else "see the weights",
         repo_id=repo_id or ".",
     )
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
+
+
+def _image_tokens(config: XComposerConfig) -> str:
+    if not config.dynamic_tiles:
+        return str(config.num_image_tokens)
+    g = config.vision_config.image_size // config.vision_config.patch_size // HD_MERGE
+    return (f"(rows x cols + 1) x {g * g} + 1 + (rows + 1) x {g} for a grid of rows x cols tiles "
+            f"(one tile: {config.hd_num_image_tokens(1, 1)})")
 
 
 def write_folder_files(folder, config: XComposerConfig, processor=None, **card) -> None:

@@ -1,8 +1,9 @@
 """InternLM-XComposer (v1) and InternLM-XComposer2 (v2), for every transformers release from 4.45 to 5.24.
 
 Laid out in the papers' figure order: vision tower (CLIP ViT-L / EVA-CLIP ViT-g), connectors
-(the v2 MLP projector from build_mlp.py, the v1 PerceiveSampler), the InternLM(2) decoder with
-Partial LoRA, then the pretrained base class and the causal-LM wrapper. What differs between transformers
+(the v2 MLP projector from build_mlp.py, XComposer-2.5 / 4KHD's tile layout in front of it, the v1
+PerceiveSampler), the InternLM(2) decoder with Partial LoRA, then the pretrained base class and the
+causal-LM wrapper. What differs between transformers
 releases lives in transformers_compat.py.
 """
 
@@ -245,6 +246,66 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
+# --------------------------------------------------------------------------- XComposer-2.5 / 4KHD: tile layout
+
+
+class TileLayout(nn.Module):
+    """How XComposer-2.5 and 4KHD lay out one image's patch tokens before the projector. Per image the views are
+    [global, tile_1 .. tile_(rows*cols)] (tiles row-major); each view's hd_merge x hd_merge patch blocks merge into
+    one token; the global view's rows and then the stitched (rows*g) x (cols*g) tile grid's rows are each followed
+    by the learned row separator `sub_GN`, with the learned `glb_GN` between the two parts. The separators are
+    upstream's plora_sub_GN / plora_glb_GN with their shapes, and live here, on the module that reads them."""
+
+    def __init__(self, config: XComposerConfig):
+        super().__init__()
+        self.merge_size = config.hd_merge
+        width = config.vision_config.hidden_size * self.merge_size**2
+        self.merged = config.vision_config.image_size // config.vision_config.patch_size // self.merge_size
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, width))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
+
+    def merge(self, patches: torch.Tensor) -> torch.Tensor:
+        """(V, G*G, C) row-major patch tokens -> (V, g, g, 4C); channel (2*dy + dx)*C + c holds patch (dy, dx)."""
+        views, _, width = patches.shape
+        g, m = self.merged, self.merge_size
+        blocks = patches.reshape(views, g, m, g, m, width).permute(0, 1, 3, 2, 4, 5)  # (V, gy, gx, dy, dx, C)
+        return blocks.reshape(views, g, g, m * m * width)
+
+    def with_row_ends(self, grid: torch.Tensor) -> torch.Tensor:
+        """(R, K, W) -> (R * (K + 1), W): the row separator after every row."""
+        ends = self.sub_GN[0].expand(grid.shape[0], 1, -1).to(grid.dtype)
+        return torch.cat([grid, ends], dim=1).flatten(0, 1)
+
+    def forward(self, patches: torch.Tensor, grids: list) -> torch.Tensor:
+        """(V, G*G, C) patch tokens of all views of all images, their (rows, cols) tile grids -> (positions, 4C)."""
+        merged, out, start = self.merge(patches), [], 0
+        g = self.merged
+        for rows, cols in grids:
+            views = merged[start:start + 1 + rows * cols]
+            start += 1 + rows * cols
+            tiles = views[1:].reshape(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+            out += [self.with_row_ends(views[0]), self.glb_GN[0].to(merged.dtype), self.with_row_ends(tiles)]
+        return torch.cat(out)
+
+
+def tile_grids(image_grid, num_views: int | None = None) -> list:
+    """(rows, cols) per image from `image_grid` ((num_images, 2) integers, as the processor returns it), checked
+    against the number of views in pixel_values (1 global + rows * cols tiles each)."""
+    if not isinstance(image_grid, torch.Tensor):
+        image_grid = torch.as_tensor(image_grid)
+    if image_grid.ndim != 2 or image_grid.shape[1] != 2 or image_grid.is_floating_point() or image_grid.is_complex():
+        raise ValueError(f"image_grid must be integers of shape (num_images, 2), got {image_grid.dtype} "
+                         f"{tuple(image_grid.shape)}")
+    grids = [tuple(pair) for pair in image_grid.tolist()]
+    if any(rows < 1 or cols < 1 for rows, cols in grids):
+        raise ValueError(f"image_grid rows and columns must be positive, got {grids}")
+    expected = sum(1 + rows * cols for rows, cols in grids)
+    if num_views is not None and num_views != expected:
+        raise ValueError(f"pixel_values hold {num_views} views but image_grid {grids} needs {expected} "
+                         f"(a global view plus rows * cols tiles per image)")
+    return grids
+
+
 # --------------------------------------------------------------------------- v1 connector: perceive sampler
 
 
@@ -395,9 +456,23 @@ def rotary_embedding(config: XComposerTextConfig, position_ids: torch.Tensor, dt
     """cos/sin (B, L, head_dim) of rotate-half RoPE, computed in fp32 then cast, as upstream."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=position_ids.device).float() / dim))
+    if getattr(config, "rope_dynamic_factor", None) is not None:
+        inv_freq = dynamic_inv_freq(config, position_ids, inv_freq)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def dynamic_inv_freq(config: XComposerTextConfig, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """InternLM2's dynamic NTK scaling, per sequence: while a sequence holds L <= max_position_embeddings tokens
+    the base stays rope_theta; beyond, the rows computed now use base rope_theta * (f * L / max - (f - 1)) **
+    (d / (d - 2)) (f = rope_dynamic_factor), and keys already in the cache keep the rotation they got. L is the
+    sequence's length so far (its last position + 1; left padding is not counted). -> (B, 1, head_dim / 2)."""
+    dim, limit, factor = config.head_dim, config.max_position_embeddings, config.rope_dynamic_factor
+    length = position_ids.amax(-1).double() + 1  # (B,), in float64 like upstream's Python floats
+    scaled = config.rope_theta * ((factor * length.clamp(min=limit) / limit) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, device=position_ids.device).float() / dim
+    return torch.where((length > limit)[:, None, None], 1.0 / (scaled.float()[:, None, None] ** exponents), inv_freq)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -647,6 +722,9 @@ class XComposerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PerceiveSampler):
             for param in (module.query_tokens, module.flag_image_start, module.flag_image_end):
                 init.normal_(param, std=std)
+        elif isinstance(module, TileLayout):
+            init.normal_(module.glb_GN, std=std)
+            init.normal_(module.sub_GN, std=std)
 
 
 class XComposerModel(XComposerPreTrainedModel):
@@ -659,6 +737,8 @@ class XComposerModel(XComposerPreTrainedModel):
             self.perceive_sampler = PerceiveSampler(config)
         else:
             self.vision_proj = build_vision_projector(config)
+        if config.dynamic_tiles:
+            self.tile_layout = TileLayout(config)
         self.language_model = InternLMDecoder(config.text_config, config.image_token_id)
         self.post_init()
 
@@ -668,22 +748,33 @@ class XComposerModel(XComposerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.tok_embeddings = value  # any table: forward looks image ids up as row 0 itself
 
-    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                           output_attentions: bool | None = None, return_dict: bool | None = None):
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid: torch.LongTensor | None = None,
+                           output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                           return_dict: bool | None = None):
         """(N, 3, S, S) normalized pixels -> BaseModelOutputWithPooling, as transformers 5.x's VLMs return it:
         `pooler_output` the features the decoder takes, (N, num_image_tokens, text width); `last_hidden_state`
         the vision tower's tokens, (N, 1 + num_patches, vision width), CLS first; the tower's hidden_states and
-        attentions on request."""
+        attentions on request. High-resolution models take every image's views ([global, tiles...], S = the
+        tile size) with the images' (rows, cols) tile grids; their pooler_output is (image positions of all
+        images, text width), in order."""
         config, size = self.config, self.config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise ValueError(f"pixel_values must have shape (num_images, 3, {size}, {size}), "
+            what = "views" if self.config.dynamic_tiles else "images"
+            raise ValueError(f"pixel_values must have shape (num_{what}, 3, {size}, {size}), "
                              f"got {tuple(pixel_values.shape)}")
+        if config.dynamic_tiles and image_grid is None:
+            raise ValueError("a high-resolution model needs image_grid (the processor returns it) with pixel_values")
+        if not config.dynamic_tiles and image_grid is not None:
+            raise ValueError("image_grid is only for high-resolution (hd_num) models")
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         vision = self.vision_tower(pixel_values, output_hidden_states=bool(output_hidden_states),
                                    output_attentions=bool(output_attentions))
         image_embeds = vision.last_hidden_state
-        if config.connector == "perceive_sampler":
+        if config.dynamic_tiles:  # (views, G*G, C), CLS dropped -> merged, separated, projected
+            grids = tile_grids(image_grid, pixel_values.shape[0])
+            features = self.vision_proj(self.tile_layout(image_embeds[:, 1:], grids))
+        elif config.connector == "perceive_sampler":
             features = self.perceive_sampler(image_embeds)
         else:
             features = self.vision_proj(image_embeds[:, 1:])  # v2 drops CLS and uses every patch
@@ -705,6 +796,7 @@ class XComposerModel(XComposerPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
+        image_grid: torch.LongTensor | None = None,
         **kwargs,
     ) -> XComposerModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
@@ -727,10 +819,10 @@ class XComposerModel(XComposerPreTrainedModel):
         if inputs_embeds is None:
             image_mask = input_ids == config.image_token_id
             if pixel_values is not None or (not compiling and past_length == 0):
-                self._check_prefill(input_ids, image_mask, pixel_values)
+                self._check_prefill(input_ids, image_mask, pixel_values, image_grid)
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # rows replaced below
             if pixel_values is not None:
-                image_outputs = self.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                image_outputs = self.get_image_features(pixel_values, image_grid, output_hidden_states=output_hidden_states,
                                                         output_attentions=output_attentions, return_dict=True)
                 image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features.flatten(0, 1))
@@ -760,14 +852,17 @@ class XComposerModel(XComposerPreTrainedModel):
         return output if (return_dict_default(config) if return_dict is None else return_dict) else output.to_tuple()
 
     def _check_lengths(self, length: int, past_length: int) -> None:
-        limit = self.config.text_config.max_position_embeddings
+        text_config = self.config.text_config
+        limit = text_config.max_sequence_length
         if length == 0:
             raise ValueError("input_ids is empty: a prompt needs at least one token")
         if past_length + length > limit:
+            source = ("text_config.max_position_embeddings" if limit == text_config.max_position_embeddings else
+                      "text_config.max_position_embeddings x rope_dynamic_factor")
             raise ValueError(f"sequence of {past_length + length} tokens exceeds the maximum length of {limit} "
-                             f"(text_config.max_position_embeddings)")
+                             f"({source})")
 
-    def _check_prefill(self, input_ids, image_mask, pixel_values) -> None:
+    def _check_prefill(self, input_ids, image_mask, pixel_values, image_grid=None) -> None:
         """Once per prompt, in one host sync: token ids inside the vocabulary, finite pixels, and as many image
         positions as the images give (llava style: the processor expanded one <ImageHere> per image)."""
         config, vocab = self.config, self.config.text_config.vocab_size
@@ -784,6 +879,16 @@ class XComposerModel(XComposerPreTrainedModel):
         if pixel_values is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
+            return
+        if config.dynamic_tiles:
+            if image_grid is None:
+                raise ValueError("a high-resolution model needs image_grid (the processor returns it) with "
+                                 "pixel_values")
+            grids = tile_grids(image_grid, pixel_values.shape[0])
+            expected = sum(config.hd_num_image_tokens(rows, cols) for rows, cols in grids)
+            if num_slots != expected:
+                raise ValueError(f"input_ids hold {num_slots} image tokens but the tile grids {grids} of "
+                                 f"{len(grids)} images give {expected}; use one <ImageHere> per image")
             return
         num_images, per_image = pixel_values.shape[0], config.num_image_tokens
         if num_slots != num_images * per_image:
@@ -812,8 +917,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.output = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid: torch.LongTensor | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_grid, **kwargs)
 
     def merge_lora(self) -> None:
         """Merge plain (all-row) LoRA adapters into the decoder weights, as XComposer v1's inference
@@ -833,6 +938,7 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0,
                 num_logits_to_keep: int | None = None,  # the 4.45-4.49 name of logits_to_keep
+                image_grid: torch.LongTensor | None = None,
                 **kwargs) -> XComposerCausalLMOutput | tuple:
         """XComposerModel's forward (the same arguments), then the LM head and, with `labels`, the loss."""
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
@@ -840,7 +946,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+                             output_hidden_states=output_hidden_states, return_dict=True, image_grid=image_grid,
+                             **kwargs)
         hidden = outputs.last_hidden_state
         keep = num_logits_to_keep if num_logits_to_keep is not None else logits_to_keep
         if isinstance(keep, int):
@@ -862,7 +969,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         return output if (return_dict_default(self.config) if return_dict is None else return_dict) else output.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                      pixel_values=None, position_ids=None, use_cache=True, cache=None, **kwargs):
+                                      pixel_values=None, position_ids=None, use_cache=True, cache=None,
+                                      image_grid=None, **kwargs):
         """One generation step's inputs, the same on every transformers release: the tokens the cache has not
         seen, the images and inputs_embeds at the prefill only, position ids from the padding mask, and, for a
         fixed-length (static) cache, a full-width boolean mask so that compiled decode steps see fixed shapes."""
@@ -878,7 +986,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             elif position_ids is not None:
                 total = position_ids.shape[-1]
             unseen = total - past_length
-            input_ids, inputs_embeds, pixel_values = input_ids[:, input_ids.shape[1] - unseen:], None, None
+            input_ids, inputs_embeds = input_ids[:, input_ids.shape[1] - unseen:], None
+            pixel_values, image_grid = None, None
         if inputs_embeds is not None:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:  # fresh strides: a slice keeps the whole sequence's, which grow every step (compile guards on them)
@@ -901,6 +1010,8 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
             cache_position = torch.arange(past_length, past_length + length, device=device)
         model_inputs.update(attention_mask=attention_mask, position_ids=position_ids, pixel_values=pixel_values,
                             use_cache=use_cache, cache_position=cache_position, **{CACHE_FIELD: cache})
+        if image_grid is not None:
+            model_inputs["image_grid"] = image_grid
         kwargs.pop("next_sequence_length", None)
         kwargs.pop("is_first_iteration", None)
         return {**kwargs, **model_inputs}
@@ -914,23 +1025,43 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         a list. Without `<ImageHere>` in the query, one placeholder per image is put in front of it. Decoding is
         greedy unless `do_sample=True`, and stops at eos or the end-of-turn piece. `system` replaces v2's default
         system prompt ("" for none). History turns are (query, response) or (query, response, images). The
-        query, history and system text are encoded as plain text: chat markers in them stay characters."""
+        query, history and system text are encoded as plain text: chat markers in them stay characters.
+
+        High-resolution models (XComposer-2.5) build the prompt as upstream 2.5 does: no system turn unless
+        `system` is given; when the whole conversation has exactly one image and no `<ImageHere>`, the image goes
+        in front of the whole prompt (before any system turn, after BOS); each image gets at most `hd_num` tiles
+        (config.hd_num for one image, config.hd_num_multi each for several; `hd_num=` overrides)."""
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {type(query).__name__}")
         images = _as_list(images)
-        if images and IMAGE_PLACEHOLDER not in query:
+        leads = self._image_leads(query, images, history)
+        if images and IMAGE_PLACEHOLDER not in query and not leads:
             query = IMAGE_PLACEHOLDER * len(images) + query
         messages = [] if system is None else [{"role": "system", "content": system}]
         all_images = []
         for turn in history:  # a turn remembers its images
             if not isinstance(turn, (list, tuple)) or len(turn) not in (2, 3):
                 raise ValueError(f"a history turn is (query, response) or (query, response, images), got {turn!r}")
-            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-            all_images += _as_list(turn[2]) if len(turn) == 3 else []
+            earlier = _as_list(turn[2]) if len(turn) == 3 else []
+            content = turn[0]
+            if self.config.dynamic_tiles and earlier and not leads and IMAGE_PLACEHOLDER not in content:
+                content = IMAGE_PLACEHOLDER * len(earlier) + content  # its image led, but no longer is the only one
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": turn[1]}]
+            all_images += earlier
         messages.append({"role": "user", "content": query})
         response = self.reply(processor, messages, [*all_images, *images], streamer=streamer,
                               max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
         return response, [*history, (query, response, images)]
+
+    def _image_leads(self, query: str, images: list, history) -> bool:
+        """XComposer-2.5's rule: a conversation with one image and no placeholder shows the image before the whole
+        prompt (the processor puts it there), not in front of the query."""
+        if not self.config.dynamic_tiles:
+            return False
+        turns = [turn for turn in history if isinstance(turn, (list, tuple)) and len(turn) in (2, 3)]
+        earlier = [image for turn in turns if len(turn) == 3 for image in _as_list(turn[2])]
+        texts = [query, *(str(turn[0]) for turn in turns)]
+        return len(images) + len(earlier) == 1 and not any(IMAGE_PLACEHOLDER in text for text in texts)
 
     @torch.no_grad()
     def reply(self, processor, prompt, images=(), prefill: str = "", streamer=None, max_new_tokens: int = 1024,
@@ -939,22 +1070,24 @@ class XComposerForCausalLM(XComposerPreTrainedModel, GenerationMixin):
         interleaved composition share. `prompt` is a list of chat messages, rendered with the processor's chat
         template and their text encoded as plain text (`raw_content=True` lets markers in it act), or an already
         rendered prompt string, used as is. `prefill` starts the answer. `images` fill the `<ImageHere>`
-        placeholders in order. Generation stops at the processor's stop ids and within the model's context."""
+        placeholders in order. Generation stops at the processor's stop ids and within the model's context.
+        High-resolution models take `hd_num=` (the tile budget of each image) for the processor."""
         if not isinstance(processor, ProcessorMixin):  # a tokenizer (the processor class may be another copy)
             processor = XComposerProcessor.for_model(self.config, processor)
         images = _as_list(images)
+        image_kwargs = {"hd_num": generate_kwargs.pop("hd_num")} if "hd_num" in generate_kwargs else {}
         if isinstance(prompt, str):
-            inputs = processor(text=prompt + prefill, images=images or None)
+            inputs = processor(text=prompt + prefill, images=images or None, **image_kwargs)
         else:
             messages = [*prompt, {"role": "assistant", "content": prefill}] if prefill else list(prompt)
             inputs = processor.apply_chat_template(messages, images=images, add_generation_prompt=not prefill,
                                                    continue_final_message=bool(prefill), tokenize=True,
-                                                   return_dict=True, raw_content=raw_content)
+                                                   return_dict=True, raw_content=raw_content, **image_kwargs)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         tokenizer, stop = processor.tokenizer, processor.stop_token_ids
-        length, limit = inputs["input_ids"].shape[1], self.config.text_config.max_position_embeddings
+        length, limit = inputs["input_ids"].shape[1], self.config.text_config.max_sequence_length
         if length >= limit:
             raise ValueError(f"prompt too long: {length} tokens leave no room to reply within the model's "
                              f"maximum length of {limit}")

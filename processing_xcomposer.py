@@ -4,12 +4,15 @@ Preprocessing follows upstream exactly: an RGB PIL image is resized to a square 
 divided by 255 and normalized with CLIP's mean/std (torchvision Resize/ToTensor/Normalize on PIL).
 The processor expands each `<ImageHere>` into `num_image_tokens` copies of `image_token_id`, llava
 style, and tokenizes the text between placeholders separately, BOS only at the start of a sample.
+XComposer-2.5 / 4KHD (high-resolution tiles) have their own pair at the end of the file: the image processor
+makes a global view and tiles per image, and the processor expands each placeholder by its image's count.
 """
 
 import base64
 import binascii
 import io
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -17,15 +20,18 @@ import urllib.request
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from transformers import AddedToken, BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 try:  # as remote code, inside transformers' dynamic package
+    from .configuration_xcomposer import HD_MERGE, HD_PADDINGS, hd_image_tokens
     from .transformers_compat import declare_processor_parts
 except ImportError:  # from a checkout, where scripts and tests import the flat modules directly
     try:  # a try of its own: transformers 4.x's scan for missing packages skips only try blocks
+        from configuration_xcomposer import HD_MERGE, HD_PADDINGS, hd_image_tokens
         from transformers_compat import declare_processor_parts
     except ImportError:
         raise
@@ -253,6 +259,9 @@ class XComposerImageProcessor(BaseImageProcessor):
 
     @classmethod
     def for_model(cls, config) -> "XComposerImageProcessor":
+        """The image processor of a model config (XComposerHDImageProcessor for high-resolution models)."""
+        if getattr(config, "dynamic_tiles", False):
+            return XComposerHDImageProcessor.for_model(config)
         return cls(image_size=config.vision_config.image_size)
 
     def preprocess(self, images, image_size: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
@@ -312,7 +321,10 @@ class XComposerProcessor(ProcessorMixin):
 
     @classmethod
     def for_model(cls, config, tokenizer) -> "XComposerProcessor":
-        """The processor that matches a model config: its image size, image tokens, chat format and length."""
+        """The processor that matches a model config: its image size, image tokens, chat format and length
+        (XComposerHDProcessor for high-resolution models)."""
+        if getattr(config, "dynamic_tiles", False) and not issubclass(cls, XComposerHDProcessor):
+            return XComposerHDProcessor.for_model(config, tokenizer)
         if tokenizer.model_max_length > 10**12:  # unset: transformers' "very large" default
             tokenizer.model_max_length = config.text_config.max_position_embeddings
         return cls(
@@ -377,17 +389,10 @@ class XComposerProcessor(ProcessorMixin):
         its `<ImageHere>` placeholders are. A text without placeholders given with images is a question, as
         `model.chat` takes it: one placeholder per image in front, in a user turn of the chat template with the
         generation prompt. `max_length` defaults to the tokenizer's model_max_length."""
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
-        if videos is not None or audio is not None:
-            raise ValueError("XComposerProcessor takes only text and images")
+        _check_call(text, images, videos, audio, kwargs)
         if text is None:
-            if images is None:
-                raise ValueError("give text, images or both")
             return self.image_processor(_flatten_images(images), return_tensors=return_tensors)
         texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text must be a string or a non-empty list of strings")
         per_sample = _split_images(images, len(texts))
         if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
             per_sample = [_flatten_images(images)] if len(texts) == 1 else None
@@ -601,6 +606,19 @@ class XComposerProcessor(ProcessorMixin):
         return [i for i in ids if i != self.image_token_id]
 
 
+def _check_call(text, images, videos, audio, unexpected: dict) -> None:
+    """The arguments a processor call must have: text and/or images, nothing else."""
+    if unexpected:
+        raise TypeError(f"unexpected arguments {sorted(unexpected)}")
+    if videos is not None or audio is not None:
+        raise ValueError("XComposerProcessor takes only text and images")
+    if text is None and images is None:
+        raise ValueError("give text, images or both")
+    if text is not None and (not isinstance(text, (str, list, tuple)) or not text
+                             or not all(isinstance(t, str) for t in ([text] if isinstance(text, str) else text))):
+        raise TypeError("text must be a string or a non-empty list of strings")
+
+
 def _is_image_list(images) -> bool:
     return isinstance(images, (list, tuple))
 
@@ -631,6 +649,305 @@ XComposerProcessor.register_for_auto_class("AutoProcessor")
 declare_processor_parts(XComposerProcessor, attributes=["image_processor", "tokenizer"],
                         image_processor_class="AutoImageProcessor", tokenizer_class="AutoTokenizer",
                         valid_kwargs=["num_image_tokens", "image_token_id", "image_token", "end_of_turn", "chat_template"])
+
+
+# --------------------------------------------------------------------------- XComposer-2.5 / 4KHD: images as tiles
+
+
+class XComposerHDImagesKwargs(ImagesKwargs, total=False):
+    hd_num: int
+
+
+class XComposerHDImageProcessor(BaseImageProcessor):
+    """XComposer-2.5 / 4KHD preprocessing: an image becomes a global view plus a grid of tiles.
+
+    Per image (RGB): a portrait image is transposed (PIL TRANSPOSE) and the steps run in the landscape frame;
+    `scale` is the largest s with s * ceil(s / ratio) <= hd_num (ratio = width / height), with `clamp` (2.5) at
+    most ceil(width / tile); the image is resized to int(scale * tile) x int(that / ratio) (truncated; PIL
+    bilinear, which is what torchvision's resize does to a PIL image) and padded with white to a multiple of the
+    tile in height, at the bottom or centred (`padding`); it is transposed back, divided by 255 and normalized.
+    The views are the whole tensor resized to tile x tile (torch bicubic, align_corners False) and then the tiles,
+    row-major. `pixel_values` (all views of all images, 3, tile, tile) and `image_grid` (num_images, 2): the
+    (rows, cols) of each image's tiles. Nothing is resized to fit anything else."""
+
+    model_input_names = ["pixel_values", "image_grid"]
+    valid_kwargs = XComposerHDImagesKwargs
+
+    def __init__(self, tile_size: int = 560, patch_size: int = 14, hd_num: int = 24, hd_num_multi: int = 6,
+                 padding: str = "bottom", clamp: bool = True, image_mean=CLIP_MEAN, image_std=CLIP_STD, **kwargs):
+        kwargs.pop("image_processor_type", None)
+        super().__init__(**kwargs)
+        self.tile_size, self.patch_size, self.hd_num, self.hd_num_multi = tile_size, patch_size, hd_num, hd_num_multi
+        self.padding, self.clamp = padding, clamp
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        for name in ("tile_size", "patch_size", "hd_num", "hd_num_multi"):
+            _check_budget(name, getattr(self, name))
+        if padding not in HD_PADDINGS:
+            raise ValueError(f"padding must be one of {HD_PADDINGS}, got {padding!r}")
+        if not isinstance(clamp, bool):
+            raise ValueError(f"clamp must be true or false, got {clamp!r}")
+        if tile_size % (patch_size * HD_MERGE):
+            raise ValueError(f"tile_size ({tile_size}) must be a multiple of {HD_MERGE} patches of {patch_size} px")
+
+    @classmethod
+    def for_model(cls, config) -> "XComposerHDImageProcessor":
+        vision = config.vision_config
+        return cls(tile_size=vision.image_size, patch_size=vision.patch_size, hd_num=config.hd_num,
+                   hd_num_multi=config.hd_num_multi, padding=config.hd_padding, clamp=config.hd_clamp)
+
+    def budget(self, num_images: int) -> int:
+        """The tile budget of each image of a prompt with `num_images` images (upstream 2.5: 24, or 6 each)."""
+        return self.hd_num if num_images <= 1 else self.hd_num_multi
+
+    def num_image_tokens(self, rows: int, cols: int) -> int:
+        return hd_image_tokens(rows, cols, self.tile_size // self.patch_size // HD_MERGE)
+
+    def layout(self, width: int, height: int, hd_num: int) -> dict:
+        """Where an image of width x height goes, in the landscape frame: transposed, resized size, padded height,
+        top padding, and its tile grid (rows, cols) in the image's own orientation."""
+        transposed = width < height
+        if transposed:
+            width, height = height, width
+        ratio, tile = width / height, self.tile_size
+        low, high = 1, hd_num  # s * ceil(s / ratio) grows with s, and s = 1 always fits (ratio >= 1)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if mid * math.ceil(mid / ratio) <= hd_num else (low, mid - 1)
+        scale = min(math.ceil(width / tile), low) if self.clamp else low
+        new_w = int(scale * tile)
+        new_h = int(new_w / ratio)
+        if new_h < 1:
+            raise ValueError(f"an image of {width}x{height} px is too elongated for {scale} tiles of {tile} px: its "
+                             f"short side would shrink to nothing")
+        padded = math.ceil(new_h / tile) * tile
+        if new_w * padded > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"hd_num={hd_num} would make a {new_w}x{padded} px canvas, more than PIL's limit of "
+                             f"{Image.MAX_IMAGE_PIXELS:,} pixels")
+        top = 0 if self.padding == "bottom" else int((padded - new_h) / 2)
+        rows, cols = padded // tile, new_w // tile
+        return dict(transposed=transposed, size=(new_w, new_h), padded=padded, top=top,
+                    grid=(cols, rows) if transposed else (rows, cols))
+
+    def canvas(self, image, hd_num: int) -> tuple:
+        """The padded, normalized image -> ((3, rows * tile, cols * tile) float tensor, (rows, cols))."""
+        rgb = load_image(image)
+        place = self.layout(rgb.width, rgb.height, hd_num)
+        if place["transposed"]:
+            rgb = rgb.transpose(Image.TRANSPOSE)
+        resized = rgb.resize(place["size"], Image.BILINEAR)
+        padded = Image.new("RGB", (place["size"][0], place["padded"]), (255, 255, 255))
+        padded.paste(resized, (0, place["top"]))
+        if place["transposed"]:
+            padded = padded.transpose(Image.TRANSPOSE)
+        array = np.asarray(padded, dtype=np.float32) / np.float32(255)  # ToTensor
+        mean, std = np.asarray(self.image_mean, dtype=np.float32), np.asarray(self.image_std, dtype=np.float32)
+        return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy()), place["grid"]
+
+    def views(self, canvas: torch.Tensor, grid: tuple) -> torch.Tensor:
+        """(3, rows * T, cols * T) -> (1 + rows * cols, 3, T, T): the global view, then the tiles row-major."""
+        (rows, cols), tile = grid, self.tile_size
+        whole = F.interpolate(canvas[None], size=(tile, tile), mode="bicubic", align_corners=False)
+        tiles = canvas.reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
+        return torch.cat([whole, tiles])
+
+    def preprocess(self, images, hd_num: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """The images of one prompt; each gets at most `hd_num` tiles (default: `budget(len(images))`)."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; XComposerHDImageProcessor takes hd_num")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        hd_num = self.budget(len(images)) if hd_num is None else hd_num
+        _check_budget("hd_num", hd_num)
+        views, grids = [], []
+        for image in images:
+            canvas, grid = self.canvas(image, hd_num)
+            views.append(self.views(canvas, grid))
+            grids.append(grid)
+        tile = self.tile_size
+        data = {"pixel_values": torch.cat(views) if views else torch.zeros(0, 3, tile, tile),
+                "image_grid": torch.tensor(grids, dtype=torch.long).reshape(-1, 2)}
+        if return_tensors == "np":
+            data = {key: value.numpy() for key, value in data.items()}
+        elif return_tensors != "pt":
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+def _check_budget(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class XComposerHDProcessor(XComposerProcessor):
+    """The processor of XComposer-2.5 / 4KHD: as XComposerProcessor, but each `<ImageHere>` expands into as many
+    image ids as its image yields (`image_processor.num_image_tokens` of its tile grid), one run per image, and
+    `hd_num=` sets the tile budget of every image (default: hd_num for a sample with one image, hd_num_multi each
+    for several). A sample or conversation with exactly one image and no placeholder shows the image before the
+    whole prompt, right after BOS, as upstream 2.5 builds it. Samples with images of different sizes batch
+    (left-padded); `image_grid` tells the model which views belong to which image."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_token_id: int | None = None,
+                 image_token: str = IMAGE_PLACEHOLDER, end_of_turn: str | None = None, chat_template: str | None = None,
+                 num_image_tokens=None):
+        # num_image_tokens: the base's fixed count is one id per placeholder here, widened per image (`_widen`)
+        if chat_template is None:
+            chat_template = CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM
+        super().__init__(image_processor, tokenizer, num_image_tokens=1, image_token_id=image_token_id,
+                         image_token=image_token, end_of_turn=end_of_turn, chat_template=chat_template)
+        self.num_image_tokens = None
+
+    @classmethod
+    def for_model(cls, config, tokenizer) -> "XComposerHDProcessor":
+        if tokenizer.model_max_length > 10**12:  # unset: transformers' "very large" default
+            tokenizer.model_max_length = config.text_config.max_sequence_length
+        return cls(image_processor=XComposerHDImageProcessor.for_model(config), tokenizer=tokenizer,
+                   image_token_id=config.image_token_id, end_of_turn=END_OF_TURN[config.connector],
+                   chat_template=CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid"]
+
+    def _expand(self, chunks: list[str], add_special_tokens: bool, counts=None) -> list[int]:
+        """As the base; the i-th placeholder becomes counts[i] image ids, or one (a slot for `_widen`) without."""
+        ids = []
+        for i, chunk in enumerate(chunks):
+            if i > 0:
+                ids += [self.image_token_id] * (1 if counts is None else counts[i - 1])
+            if chunk or (i == 0 and add_special_tokens):
+                ids += self.tokenizer(chunk, add_special_tokens=add_special_tokens and i == 0)["input_ids"]
+        return ids
+
+    def _widen(self, ids: list[int], counts: list[int]) -> list[int]:
+        """One image id per placeholder -> counts[i] ids for the i-th."""
+        out, seen = [], 0
+        for token in ids:
+            if token == self.image_token_id:
+                out += [token] * counts[seen]
+                seen += 1
+            else:
+                out.append(token)
+        return out
+
+    def _images(self, images, hd_num) -> tuple:
+        """One sample's images -> (features, image ids per image)."""
+        features = self.image_processor(images, hd_num=hd_num, return_tensors="pt")
+        counts = [self.image_processor.num_image_tokens(r, c) for r, c in features["image_grid"].tolist()]
+        return features, counts
+
+    def _merge(self, data: dict, features: list, return_tensors) -> BatchFeature:
+        if features:
+            for key in ("pixel_values", "image_grid"):
+                value = torch.cat([f[key] for f in features])
+                data[key] = value.numpy() if return_tensors == "np" else value
+        return BatchFeature(data)
+
+    def __call__(self, text: str | list[str] | None = None, images=None, hd_num: int | None = None,
+                 padding: bool | str = True, max_length: int | None = None, return_tensors: str | None = "pt",
+                 add_special_tokens: bool = True, videos=None, audio=None, **kwargs) -> BatchFeature:
+        """As XComposerProcessor.__call__, plus `hd_num`; images are given per sample (a list of lists) or flat, in
+        placeholder order."""
+        _check_call(text, images, videos, audio, kwargs)
+        if text is None:
+            return self.image_processor(_flatten_images(images), hd_num=hd_num,
+                                        return_tensors="pt" if return_tensors is None else return_tensors)
+        texts = [text] if isinstance(text, str) else list(text)
+        per_sample = _split_images(images, len(texts))
+        if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
+            per_sample = [_flatten_images(images)] if len(texts) == 1 else None
+        if per_sample is not None:
+            texts = [t if self.image_token in t else self.image_token * len(ims) + t
+                     for t, ims in zip(texts, per_sample)]
+        else:
+            per_sample = self._deal(_flatten_images(images), [t.count(self.image_token) for t in texts])
+        max_length = self.max_length if max_length is None else max_length
+        batch_ids, features = [], []
+        for index, (sample, sample_images) in enumerate(zip(texts, per_sample)):
+            chunks = sample.split(self.image_token)
+            if len(sample_images) != len(chunks) - 1:
+                raise ValueError(f"sample {index} has {len(chunks) - 1} {self.image_token} placeholders but "
+                                 f"{len(sample_images)} images were given for it")
+            self._check_length(index, sample, None, max_length)
+            self._check_text(sample)
+            counts = []
+            if sample_images:
+                sample_features, counts = self._images(sample_images, hd_num)
+                features.append(sample_features)
+            ids = self._expand(chunks, add_special_tokens, counts)
+            self._check_length(index, sample, len(ids), max_length)
+            batch_ids.append(ids)
+        return self._merge(self._pad(batch_ids, padding, max_length, return_tensors), features, return_tensors)
+
+    def _deal(self, images: list, placeholders: list[int]) -> list[list]:
+        """A flat list of images -> each sample's, in placeholder order."""
+        if len(images) != sum(placeholders):
+            raise ValueError(f"the text has {sum(placeholders)} {self.image_token} placeholders but {len(images)} "
+                             f"images were given")
+        starts = np.cumsum([0, *placeholders]).tolist()
+        return [images[a:b] for a, b in zip(starts, starts[1:])]
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = "pt",
+                            continue_final_message: bool = False, raw_content: bool = False, images=None,
+                            processor_kwargs: dict | None = None, **kwargs):
+        """As XComposerProcessor.apply_chat_template, plus `hd_num`; a conversation with one image and no
+        placeholder gets the image in front of the whole prompt (after BOS), as upstream 2.5's chat builds it."""
+        options = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                       continue_final_message=continue_final_message)
+        if not tokenize:
+            return super().apply_chat_template(conversation, tokenize=False, **options)
+        batch = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batch else [conversation]
+        if kwargs.pop("return_assistant_tokens_mask", False):
+            raise ValueError("return_assistant_tokens_mask is not supported; finetune.py builds answer-only labels")
+        processor_kwargs = {**(processor_kwargs or {}), **kwargs}
+        max_length = processor_kwargs.pop("max_length", None)
+        padding = processor_kwargs.pop("padding", True)
+        hd_num = processor_kwargs.pop("hd_num", None)
+        if processor_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(processor_kwargs)}")
+        limit = self.max_length if max_length is None else max_length
+        ids = [self.encode_messages(c, raw_content=raw_content, max_length=limit, **options) for c in conversations]
+        in_messages = [[_message_image(item) for message in c
+                        for item in (message["content"] if isinstance(message["content"], (list, tuple)) else ())
+                        if isinstance(item, dict) and item.get("type") == "image"] for c in conversations]
+        if any(in_messages) and images:
+            raise ValueError("give images either inside the messages or as images=, not both")
+        slots = [sample.count(self.image_token_id) for sample in ids]
+        nested = None if any(in_messages) else _split_images(images, len(conversations))
+        if any(in_messages):
+            per_sample = in_messages
+        elif nested is not None:
+            per_sample = nested
+        else:
+            flat = _flatten_images(images)
+            lead = len(conversations) == 1 and len(flat) == 1 and not slots[0]
+            per_sample = [flat] if lead else self._deal(flat, slots)
+        batch_ids, features = [], []
+        for index, (sample, sample_images) in enumerate(zip(ids, per_sample)):
+            if len(sample_images) == 1 and slots[index] == 0:  # 2.5: the only image leads the whole prompt
+                bos = sample[:1] if sample and sample[0] == self.tokenizer.bos_token_id else []
+                sample = [*bos, self.image_token_id, *sample[len(bos):]]
+            elif len(sample_images) != slots[index]:
+                raise ValueError(f"the conversation has {slots[index]} {self.image_token} placeholders but "
+                                 f"{len(sample_images)} images were given")
+            if sample_images:
+                sample_features, counts = self._images(sample_images, hd_num)
+                features.append(sample_features)
+                sample = self._widen(sample, counts)
+            if limit is not None and len(sample) > limit:
+                raise ValueError(f"prompt too long: sample {index} is {len(sample)} tokens long, more than "
+                                 f"max_length={limit}")
+            batch_ids.append(sample)
+        data = self._merge(self._pad(batch_ids, padding, max_length, return_tensors), features, return_tensors)
+        return data if return_dict else data["input_ids"]
+
+
+XComposerHDImageProcessor.register_for_auto_class("AutoImageProcessor")
+XComposerHDProcessor.register_for_auto_class("AutoProcessor")
 
 
 # Message texts are rendered as these marks, so that after rendering we know where each text lies.

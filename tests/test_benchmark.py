@@ -38,3 +38,20 @@ def test_benchmark_prints_every_figure_for_both_modes(capsys):
     assert results["ours/one_image_64_text"]["peak_memory_gb"] * 2**30 >= results["parameters_b"] * 1e9 * 4
     printed = json.loads(out.strip().splitlines()[-1])
     assert printed["ours/text_heavy"] == results["ours/text_heavy"] and printed["size"] == "tiny"
+
+
+def test_hd_prefill_compares_like_with_like_and_reports_the_grid(capsys):
+    model = benchmark.build("tiny", torch.device("cpu"), torch.float32, benchmark.HD_SIZES)
+    inputs, facts = benchmark.hd_inputs(model.config, torch.device("cpu"), num_text=8)
+    with torch.no_grad():
+        with benchmark.mode(model, "ours", "sdpa"):
+            ours = model(**inputs).logits
+        with benchmark.mode(model, "upstream", "sdpa"):
+            theirs = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    results = benchmark.main(["--hd", "--size", "tiny", "--quick"])
+    rows, cols = results["grid"]
+    assert results["grid"] == facts["grid"] and rows * cols <= 24
+    assert results["prompt_tokens"] == 1 + model.config.hd_num_image_tokens(rows, cols) + 64
+    assert all(math.isfinite(results[k]) and results[k] > 0 for k in ("ours/prefill_ms", "upstream/prefill_ms"))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["grid"] == [rows, cols]

@@ -12,6 +12,7 @@ Public API
                               tokenizer_model_path=None) -> list[str]
     upstream_version(config) -> int
     upstream_num_image_tokens(config, sd) -> int
+    clip_patch_features(sd, image) -> Tensor
     upstream_logits(config, sd, input_ids, images, image_positions, *, lora=True) -> Tensor
     upstream_greedy(config, sd, input_ids, images, image_positions, max_new_tokens,
                     eos_ids=None) -> list[int]
@@ -564,6 +565,12 @@ def _clip_vit(sd, image):
         h = h * torch.sigmoid(1.702 * h)  # quick_gelu
         x = x + _linear(sd, f"{b}.mlp.fc2", h)
     return x[1:]
+
+
+def clip_patch_features(sd, image):
+    """XComposer2's CLIP tower: image (3, H, W) -> (N, width), the last layer without CLS (also what the HD
+    models run on each view)."""
+    return _clip_vit(sd, image)
 
 
 def _v2_image_embeddings(sd, image):
