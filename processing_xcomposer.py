@@ -386,9 +386,9 @@ class XComposerProcessor(ProcessorMixin):
         **kwargs,
     ) -> BatchFeature:
         """Text as a raw prompt (chat markers act as markers; apply_chat_template takes messages), its images where
-        its `<ImageHere>` placeholders are. A text without placeholders given with images is a question, as
-        `model.chat` takes it: one placeholder per image in front, in a user turn of the chat template with the
-        generation prompt. `max_length` defaults to the tokenizer's model_max_length."""
+        its `<ImageHere>` placeholders are; a sample without any gets one per image in front. A bare question
+        (no placeholder, no chat marker) given with images goes, as `model.chat` takes it, in a user turn of the
+        chat template with the generation prompt. `max_length` defaults to the tokenizer's model_max_length."""
         _check_call(text, images, videos, audio, kwargs)
         if text is None:
             return self.image_processor(_flatten_images(images), return_tensors=return_tensors)
@@ -396,9 +396,9 @@ class XComposerProcessor(ProcessorMixin):
         per_sample = _split_images(images, len(texts))
         if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
             per_sample = [_flatten_images(images)] if len(texts) == 1 else None
-        # A text without placeholders given with images is a question, as model.chat takes it (and as the
-        # image-text-to-text pipeline passes one): its images in front, in a user turn of the chat template.
-        questions = {i for i, (t, ims) in enumerate(zip(texts, per_sample or ())) if ims and self.image_token not in t}
+        # A bare question given with images (as the image-text-to-text pipeline passes one) goes, as model.chat
+        # takes it, in a user turn of the chat template, its images in front.
+        questions = {i for i, (t, ims) in enumerate(zip(texts, per_sample or ())) if ims and self._is_question(t)}
         max_length = self.max_length if max_length is None else max_length
         batch_ids, placeholders = [], 0
         for index, sample in enumerate(texts):
@@ -407,6 +407,8 @@ class XComposerProcessor(ProcessorMixin):
                 batch_ids.append(self.encode_messages(turn, add_generation_prompt=True, max_length=max_length))
                 placeholders += len(per_sample[index])
                 continue
+            if per_sample is not None and self.image_token not in sample:
+                sample = self.image_token * len(per_sample[index]) + sample
             chunks = sample.split(self.image_token)
             placeholders += len(chunks) - 1
             if per_sample is not None and len(per_sample[index]) != len(chunks) - 1:
@@ -425,6 +427,11 @@ class XComposerProcessor(ProcessorMixin):
         if flat_images:
             data.update(self.image_processor(flat_images, return_tensors=return_tensors))
         return BatchFeature(data)
+
+    def _is_question(self, text: str) -> bool:
+        """A bare question: no image placeholder and none of the chat format's markers."""
+        markers = CHAT_MARKERS.get(next((c for c, piece in END_OF_TURN.items() if piece == self.end_of_turn), ""), ())
+        return self.image_token not in text and not any(marker in text for marker in markers)
 
     @staticmethod
     def _check_text(text: str) -> None:
@@ -858,7 +865,9 @@ class XComposerHDProcessor(XComposerProcessor):
         per_sample = _split_images(images, len(texts))
         if per_sample is None and images is not None and not any(self.image_token in t for t in texts):
             per_sample = [_flatten_images(images)] if len(texts) == 1 else None
-        if per_sample is not None:
+        if per_sample is not None:  # a bare question in a user turn, as upstream 2.5's chat builds it
+            texts = [self._render([{"role": "user", "content": t}], add_generation_prompt=True)
+                     if ims and self._is_question(t) else t for t, ims in zip(texts, per_sample)]
             texts = [t if self.image_token in t else self.image_token * len(ims) + t
                      for t, ims in zip(texts, per_sample)]
         else:
