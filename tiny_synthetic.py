@@ -378,8 +378,9 @@ def run(recipe: Recipe, log=print) -> dict:
         processor = XComposerProcessor.for_model(config, tokenizer)
         processor.chat_template = CHAT_TEMPLATE_V2_NO_DEFAULT_SYSTEM  # it is trained without a system prompt
         set_trainable(model, dict.fromkeys(PARTS, True))
-        log(f"tiny-synthetic: vocab {len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters, {config.num_image_tokens} image tokens per picture", flush=True)
+        parameters = sum(p.numel() for p in model.parameters()) / 1e6
+        log(f"tiny-synthetic: vocab {config.text_config.vocab_size}, {parameters:.2f}M parameters, "
+            f"{config.num_image_tokens} image tokens per picture", flush=True)
 
         accuracy = warm_up_vision(model, processor, recipe.vision_warmup_steps, recipe.seed, log)
         log(f"vision warm-up: token accuracy {accuracy:.3f} after {recipe.vision_warmup_steps} steps of 64 "
