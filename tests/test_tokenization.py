@@ -1,3 +1,6 @@
+"""InternLMTokenizer: parity with upstream sentencepiece encoding and decoding, BOS/EOS, chat pieces, padding,
+saving and loading through AutoTokenizer, and clear errors for missing or corrupt model files."""
+
 import json
 import os
 import subprocess
