@@ -128,7 +128,8 @@ def write_folder_files(folder, config: XComposerConfig, processor=None, **card) 
     """Everything but the weights: config and code, generation config, processor, tokenizer and chat template,
     model card (`card` holds write_model_card's keywords). Without a processor (a source with no tokenizer),
     the image processor alone."""
-    config.save_pretrained(folder)
+    with without_trainer_use_cache(config):
+        config.save_pretrained(folder)
     write_generation_config(folder, config)
     if processor is not None:
         processor.save_pretrained(folder)
@@ -186,6 +187,19 @@ def save_model_folder(model, processor, folder, replace: bool = True, **card) ->
     with staged_folder(folder, replace=replace) as tmp:
         model.save_pretrained(tmp)
         write_folder_files(tmp, model.config, processor, **card)
+
+
+@contextlib.contextmanager
+def without_trainer_use_cache(config):
+    """Trainer (5.x) sets a top-level `use_cache=False` on the model's config for training. The decoder's own
+    switch is `text_config.use_cache`, so that training-time value is kept out of a saved config.json, where
+    readers would take it for an uncached model."""
+    value = config.__dict__.pop("use_cache", None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            config.use_cache = value
 
 
 def check_model_folder(folder) -> list[str]:

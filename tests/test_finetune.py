@@ -379,5 +379,6 @@ def test_stage_preset_weighted_sources_and_resolution_through_the_cli(tmp_path):
     assert isinstance(trainer.train_dataset, tr.SourceMix) and trainer.train_dataset.source_weights == [3.0, 1.0]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["vision_config"]["image_size"] == 56
+    assert "use_cache" not in saved  # Trainer's training-time switch stays out of the shared config
     out = finetune.load_model_and_processor(str(tmp_path / "out"))[0]
     assert out.config.num_image_tokens == 16
