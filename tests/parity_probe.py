@@ -104,7 +104,20 @@ def measure(folder: str) -> dict:
                 record[f"{name}/reloaded_logits"] = again(**inputs).logits
         record[f"{name}/converted_logits"] = convert_and_run(os.path.join(folder, f"upstream_{name}"), image)
     record["default_model"] = default_model_answers()
+    record[SAMPLER] = sampler_draws()
     return record
+
+
+# Seeded draws of torch.multinomial, which generate samples with. Torch releases draw differently for the
+# same seed (2.4 and 2.13 do), so sampled tokens are comparable only where these are equal.
+SAMPLER = "torch_sampler"
+
+
+def sampler_draws() -> list[int]:
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(32, 400, generator=generator), dim=-1)
+    torch.manual_seed(0)
+    return [torch.multinomial(row, 1).item() for row in probs]
 
 
 def convert_and_run(upstream: str, image) -> torch.Tensor:
