@@ -237,8 +237,6 @@ def main(argv=None):
     args.new_tokens = args.new_tokens or (4 if args.quick else 64)
     args.repeats = args.repeats or (1 if args.quick else 3)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     if args.hd:
         return hd_main(args, device, dtype)
 

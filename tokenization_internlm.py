@@ -20,6 +20,10 @@ import shutil
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
+# What `clean_up_tokenization` joins, in transformers' order.
+_SPACED_PUNCTUATION = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                       (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
 
 class InternLMTokenizer(PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
@@ -101,6 +105,13 @@ class InternLMTokenizer(PreTrainedTokenizer):
         text = self.convert_tokens_to_string(self.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens))
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if clean else text
+
+    def clean_up_tokenization(self, text: str) -> str:
+        """transformers' clean-up of spaces before punctuation and English contractions (text-generation
+        pipelines ask for it). Ours: transformers 5.0 has no such method."""
+        for spaced, joined in _SPACED_PUNCTUATION:
+            text = text.replace(spaced, joined)
+        return text
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         if skip_special_tokens and not isinstance(ids, int):

@@ -152,7 +152,6 @@ def test_a_refused_connection_is_one_clear_line(folder, tmp_path):
                         done.stderr), done.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # a fresh process
 def test_upload_offline_fails_cleanly_without_a_traceback(folder, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "push_to_hub.py"), str(folder), "someone/repo"],
@@ -217,4 +216,4 @@ def test_every_writer_makes_a_complete_folder_that_loads_offline_with_the_same_l
     inputs = processor(text=["<ImageHere>Which colour?"], images=[np.asarray(image)])
     assert torch.equal(got["ids"], inputs["input_ids"])
     with torch.no_grad():
-        torch.testing.assert_close(got["logits"], model(**inputs).logits, rtol=1e-5, atol=1e-6)  # threads differ
+        torch.testing.assert_close(got["logits"], model(**inputs).logits, rtol=1e-5, atol=1e-5)  # the parity bar; two processes may reduce in another order

@@ -148,3 +148,9 @@ def test_corrupt_tokenizer_model_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="not a readable sentencepiece model"):
         InternLMTokenizer(str(bad))
+
+
+def test_clean_up_tokenization_spaces_joins_punctuation_on_request(tok):
+    ids = tok("Is it red ? yes , it is n't blue .", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "Is it red ? yes , it is n't blue ."  # off by default, as upstream
+    assert tok.decode(ids, clean_up_tokenization_spaces=True) == "Is it red? yes, it isn't blue."
