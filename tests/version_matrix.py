@@ -31,9 +31,12 @@ from parity_probe import SAMPLER
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ATOL = 1e-5
-# Converter against the independent upstream reference, cache == no cache, batch == single, fresh-process
-# save/load, chat, the embedded model and its demo.
+# Converter against the independent upstream reference (v1, v2, and the HD models with their CLI contract),
+# cache == no cache, batch == single, fresh-process save/load, chat, the embedded model and its demo.
 CONFORMANCE = [
+    "tests/test_hd_model.py::test_converted_model_matches_the_reference",
+    "tests/test_hd_model.py::test_a_left_padded_batch_of_different_sizes_equals_single_runs",
+    "tests/test_hd_convert.py::test_command_line_contract_convert_then_auto_classes",
     "tests/test_convert.py::test_converted_logits_equal_upstream",
     "tests/test_convert.py::test_greedy_generation_matches_upstream",
     "tests/test_convert.py::test_cli_output_loads_through_auto_classes_offline",
