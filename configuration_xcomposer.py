@@ -279,6 +279,16 @@ class XComposerConfig(PretrainedConfig):
             raise ValueError(f"high-resolution tiles merge {HD_MERGE}x{HD_MERGE} patches: the tile's patch grid "
                              f"(vision_config.image_size / patch_size = {grid}) must be a multiple of {HD_MERGE}")
 
+    # The decoder's vocabulary. transformers 4.x's generation reads `config.vocab_size` (beam-search
+    # `compute_transition_scores`, watermarking) where 5.x asks `get_text_config()`.
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.text_config.vocab_size = value
+
     @property
     def dynamic_tiles(self) -> bool:
         """True for XComposer-2.5 / 4KHD: images as a global view plus a grid of tiles."""

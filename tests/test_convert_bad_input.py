@@ -229,7 +229,10 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, out, capsys, mo
 
 
 CHILD = r"""
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C as in a terminal: a job started in the background without job control (or under nohup) inherits
+# SIGINT ignored, and the converter rightly leaves that as it is.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[1])
 import checkpoint_io, convert_checkpoint
 src, dst, marker = sys.argv[2:]

@@ -145,6 +145,21 @@ def test_beam_search_returns_ranked_beams_whose_scores_add_up(version, use_cache
     assert not torch.equal(out.sequences[0], out.sequences[1])  # two different beams
 
 
+def test_transition_scores_of_greedy_and_beam_search_are_the_chosen_tokens_log_probabilities(version):
+    model = build_model(version)
+    for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=3, length_penalty=1.0)):
+        ids, out = generate(model, True, **kwargs)
+        beams = getattr(out, "beam_indices", None)
+        transition = model.compute_transition_scores(out.sequences, out.scores, beams, normalize_logits=False)
+        assert transition.shape == (2, NEW_TOKENS)
+        rows = beams[:, :NEW_TOKENS] if beams is not None else torch.arange(2)[:, None].expand(2, NEW_TOKENS)
+        chosen = torch.stack([out.scores[step][rows[:, step], out.sequences[:, ids.shape[1] + step]]
+                              for step in range(NEW_TOKENS)], dim=1)
+        torch.testing.assert_close(transition, chosen)
+        if beams is not None:  # the scores of a beam add up to its sequence score (length penalty 1)
+            torch.testing.assert_close(transition.sum(1) / NEW_TOKENS, out.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
 def test_beam_search_with_cache_matches_without(version):
     model = build_model(version)
     beam = dict(do_sample=False, num_beams=3, num_return_sequences=2, length_penalty=1.0)
