@@ -35,7 +35,8 @@ CONTROL_PIECES = sorted({piece for pieces in CHAT_MARKERS.values() for piece in 
                                                                                           IMAGE_PLACEHOLDER})
 TIMEOUT_S = 600  # a hang fails the test instead of stalling the run; no result depends on how fast it is
 
-# Shared by the child processes: the sample files the parent wrote, chat messages made of them, the result file.
+# Shared by the child processes: the sample files the parent wrote, chat messages and model inputs made of them,
+# the result file.
 CHILD_PRELUDE = """
 import json, sys
 import torch
@@ -46,6 +47,10 @@ samples = json.load(open(args[0]))  # [{"kind", "question", "answer", "images": 
 def messages(sample):
     images = [{"type": "image", "image": Image.open(path)} for path in sample["images"]]
     return [{"role": "user", "content": images + [{"type": "text", "text": sample["question"]}]}]
+
+def chat_inputs(processor, sample):  # the sample's user turn as model inputs, as transformers documents it
+    return processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, return_tensors="pt")
 
 def finish(result):
     json.dump(result, open(args[-1], "w"))
@@ -118,8 +123,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 folder, model_out, config_out, logits_out = args[1:5]
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-inputs = processor.apply_chat_template(messages(samples[0]), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
+inputs = chat_inputs(processor, samples[0])
 model.save_pretrained(model_out)
 AutoConfig.from_pretrained(folder, trust_remote_code=True).save_pretrained(config_out)
 with torch.no_grad():
@@ -132,8 +136,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 folder, model_out, config_out, logits_out = args[1:5]
 model = AutoModelForCausalLM.from_pretrained(model_out, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-inputs = processor.apply_chat_template(messages(samples[0]), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
+inputs = chat_inputs(processor, samples[0])
 with torch.no_grad():
     torch.save(model(**inputs).logits, logits_out)
 saved, shipped = (AutoConfig.from_pretrained(f, trust_remote_code=True) for f in (config_out, folder))
@@ -170,8 +173,7 @@ for sample in samples:  # the whole conversation as labels: the model masks the 
     conversation = messages(sample) + [{"role": "assistant", "content": sample["answer"]}]
     batch = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
     rows.append({**batch, "labels": batch["input_ids"]})
-prompt = processor.apply_chat_template(messages(samples[0]), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
+prompt = chat_inputs(processor, samples[0])
 with torch.no_grad():
     before = model.eval()(**prompt).logits
 arguments = TrainingArguments(output_dir=model_out + "_run", max_steps=2, per_device_train_batch_size=1,
@@ -191,8 +193,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 folder, model_out, logits_out = args[1:4]
 model = AutoModelForCausalLM.from_pretrained(model_out, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-prompt = processor.apply_chat_template(messages(samples[0]), add_generation_prompt=True, tokenize=True,
-                                       return_dict=True, return_tensors="pt")
+prompt = chat_inputs(processor, samples[0])
 with torch.no_grad():
     torch.save(model(**prompt).logits, logits_out)
 finish({"module": type(model).__module__})
@@ -305,8 +306,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eva
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 answers, raw = [], []
 for sample in samples:
-    inputs = processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
+    inputs = chat_inputs(processor, sample)
     out = model.generate(**inputs, max_new_tokens=8)
     new = out[0, inputs["input_ids"].shape[1]:]
     answers.append(processor.decode(new, skip_special_tokens=True))
@@ -467,8 +467,7 @@ split = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dev
                                              max_memory={"cpu": "3MB"}, offload_folder=offload).eval()
 result = {"device_map": sorted(set(map(str, split.hf_device_map.values()))), "answers": [], "logits_equal": []}
 for sample in samples:
-    inputs = processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
+    inputs = chat_inputs(processor, sample)
     with torch.no_grad():
         result["logits_equal"].append(torch.allclose(split(**inputs).logits, plain(**inputs).logits,
                                                      rtol=1e-5, atol=1e-6))
@@ -664,8 +663,7 @@ compile_config = CompileConfig(fullgraph=True, dynamic=False)  # a graph break i
 compile_config._compile_all_devices = True  # generate compiles only on accelerators unless asked
 result = {"dynamic": [], "compiled": [], "answers": []}
 for sample in samples:
-    inputs = processor.apply_chat_template(messages(sample), add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt")
+    inputs = chat_inputs(processor, sample)
     length = inputs["input_ids"].shape[1]
     answer = model.generate(**inputs, max_new_tokens=8)[0, length:-1].tolist()  # without its end-of-turn
     result["answers"].append([answer, processor.decode(answer, skip_special_tokens=True)])
